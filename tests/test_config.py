@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdvae.config import Config, ConfigError, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_load():
+    cfg = load_config(ROOT / "params.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.model.preset == "tiny"
+    assert cfg.train.precision == "32"
+    assert cfg.train.betas == (0.5, 0.9)
+
+
+def test_defaults_are_frozen():
+    cfg = config_from_dict({})
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"model": {"latent_channels": "four"}}, "model.latent_channels: expected int >= 1, got 'four'"),
+        ({"model": {"latent_channels": 0}}, "model.latent_channels: expected int >= 1, got 0"),
+        ({"model": {"preset": "huge"}}, "model.preset: expected one of 'tiny', 'sd-f8c4', 'ldm-kl-f4', got 'huge'"),
+        ({"train": {"lr": -1}}, "train.lr: expected float > 0.0, got -1"),
+        ({"train": {"precision": "fp8"}}, "train.precision: expected one of '32', 'bf16-mixed', '16-mixed'"),
+        ({"train": {"ema": "yes"}}, "train.ema: expected true or false, got 'yes'"),
+        ({"train": {"betas": [0.5]}}, "train.betas: expected list of 2 values"),
+        ({"train": {"lrr": 1.0}}, "train.lrr: unknown key; allowed keys in train:"),
+        ({"optimiser": {}}, "optimiser: unknown key"),
+        ({"loss": {"reconstruction": "l3"}}, "loss.reconstruction: expected one of 'l1', 'l2', got 'l3'"),
+        ({"discriminator": {"norm": "layer"}}, "discriminator.norm: expected one of 'batch', 'group'"),
+        ({"data": {"train_short_side": [300, 100]}}, "data.train_short_side: expected [min, max]"),
+        ({"data": {"train_short_side": [32, 64]}, "train": {"resolution": 64}}, "must be >= train.resolution"),
+        ({"model": {"block_out_channels": [32, 0]}}, "model.block_out_channels: expected positive ints"),
+        ({"loss": {"lecam_decay": 1.0}}, "loss.lecam_decay: expected float > 0.0 and < 1.0, got 1.0"),
+        ({"train": "fast"}, "train: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(params, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(params)
+    assert message in str(info.value)
+
+
+def test_precision_accepts_yaml_int():
+    assert config_from_dict({"train": {"precision": 32}}).train.precision == "32"
+
+
+def test_nullable_fields_and_flat_view():
+    cfg = config_from_dict({"model": {"block_out_channels": [16, 32]}, "train": {"disc_lr": None}})
+    assert cfg.model.block_out_channels == (16, 32)
+    flat = cfg.flat()
+    assert flat["model.block_out_channels"] == [16, 32]
+    assert flat["train.disc_lr"] is None
+
+
+def test_load_config_errors_on_bad_yaml(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text(yaml.safe_dump({"train": {"batch_size": 2.5}}))
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected int >= 1, got 2.5"):
+        load_config(p)
+
+
+def test_cli_info_and_bad_params(tmp_path, capsys):
+    from sdvae.cli import main
+
+    assert main(["info", "--params", str(ROOT / "params.yaml")]) == 0
+    assert '"downsample_factor": 8' in capsys.readouterr().out
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model:\n  norm_num_groups: 7\n")
+    assert main(["info", "--params", str(bad)]) == 2
+    assert "divisible by norm_num_groups=7" in capsys.readouterr().err

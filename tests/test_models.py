@@ -1,0 +1,175 @@
+import json
+
+import diffusers
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdvae.formats import load_any, save_diffusers
+from sdvae.formats.ldm import ours_to_ldm, save_ldm
+from sdvae.models import AutoencoderKL, AutoencoderKLConfig, NLayerDiscriminator, count_parameters
+from sdvae.models.discriminator import NORM_TYPES
+from sdvae.models.tiling import tiled_apply
+
+REDUCED_SD = {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 32}
+
+
+def _diffusers_twin(cfg: AutoencoderKLConfig) -> diffusers.AutoencoderKL:
+    n = len(cfg.block_out_channels)
+    return diffusers.AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+    ).eval()
+
+
+def test_preset_parameter_counts():
+    assert count_parameters(AutoencoderKL.from_preset("sd-f8c4")) == 83_653_863
+    assert count_parameters(AutoencoderKL.from_preset("ldm-kl-f4")) == 55_312_063
+
+
+@pytest.mark.parametrize(("preset", "overrides"), [("tiny", {}), ("sd-f8c4", REDUCED_SD)])
+def test_diffusers_round_trip_both_ways(tmp_path, preset, overrides):
+    torch.manual_seed(0)
+    ours = AutoencoderKL.from_preset(preset, **overrides).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "ours").eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a = ours(x, sample_posterior=False)[0]
+        b = theirs(x).sample
+    assert (a - b).abs().max().item() < 1e-5
+
+    torch.manual_seed(1)
+    other = _diffusers_twin(ours.config)
+    other.save_pretrained(tmp_path / "theirs")
+    back = AutoencoderKL.from_pretrained(tmp_path / "theirs").eval()
+    with torch.no_grad():
+        assert (back(x, sample_posterior=False)[0] - other(x).sample).abs().max().item() < 1e-5
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    for key in ("scaling_factor", "shift_factor", "force_upcast", "down_block_types", "latent_channels"):
+        assert key in cfg
+
+
+def test_ldm_round_trip_exact(tmp_path):
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("ldm-kl-f4", block_out_channels=(32, 64, 64))
+    ldm = ours_to_ldm(model.state_dict(), 3)
+    assert "encoder.down.0.block.0.conv1.weight" in ldm and "decoder.up.0.upsample.conv.weight" not in ldm
+    assert ldm["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+    assert "decoder.up.1.upsample.conv.weight" in ldm and "encoder.down.0.downsample.conv.weight" in ldm
+    save_ldm(model, tmp_path / "vae.safetensors", prefix="first_stage_model.")
+    back = load_any(tmp_path / "vae.safetensors")
+    assert back.config.block_out_channels == (32, 64, 64) and back.config.latent_channels == 3
+    for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_ldm_checkpoint_with_loss_keys_via_torch_load(tmp_path):
+    model = AutoencoderKL.from_preset("tiny")
+    state = {f"first_stage_model.{k}": v for k, v in ours_to_ldm(model.state_dict(), 4).items()}
+    state["first_stage_model.loss.logvar"] = torch.zeros(())
+    state["model.diffusion_model.x"] = torch.zeros(1)
+    torch.save({"state_dict": state, "global_step": 3}, tmp_path / "model.ckpt")
+    back = load_any(tmp_path / "model.ckpt", norm_num_groups=16)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True))
+
+
+def test_sliced_equals_unsliced():
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny").eval()
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        full = model.reconstruct(x)
+        model.max_batch_size = 2
+        sliced = model.reconstruct(x)
+    assert torch.allclose(full, sliced, atol=1e-5)
+
+
+def test_tile_blending_is_exact_for_local_maps():
+    x = torch.rand(1, 3, 96, 160)
+    down = tiled_apply(lambda t: F.avg_pool2d(t, 8), x, 32, 0.25, 1 / 8, 8)
+    assert (down - F.avg_pool2d(x, 8)).abs().max() < 1e-6
+    up = tiled_apply(lambda t: F.interpolate(t, scale_factor=8.0), x, 16, 0.25, 8, 1)
+    assert (up - F.interpolate(x, scale_factor=8.0)).abs().max() < 1e-6
+
+
+def test_tiled_model_output_shapes_and_any_size():
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny").eval()
+    model.tile_size = 32
+    x = torch.rand(1, 3, 50, 77) * 2 - 1
+    y = model.reconstruct(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    model.tile_size = 256  # larger than the image: identical to the untiled path
+    z = model.reconstruct(x)
+    model.tile_size = None
+    assert torch.equal(z, model.reconstruct(x))
+
+
+def test_encode_requires_multiple_of_factor():
+    model = AutoencoderKL.from_preset("tiny")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.encode(torch.zeros(1, 3, 30, 32))
+
+
+def test_latent_api_scaling_and_shift():
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny", scaling_factor=0.5, shift_factor=0.1).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        lat = model.encode_to_latent(x)
+        assert torch.allclose(lat, (model.encode(x).mode() - 0.1) * 0.5)
+        assert torch.allclose(model.decode_from_latent(lat), model.decode(model.encode(x).mode()), atol=1e-5)
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny").train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model(x, sample_posterior=False)[0].square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing(True)
+    model(x, sample_posterior=False)[0].square().mean().backward()
+    for a, p in zip(ref, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_posterior_logvar_clamped_and_kl():
+    from sdvae.models import DiagonalGaussianDistribution
+
+    moments = torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), -100.0)], dim=1)
+    post = DiagonalGaussianDistribution(moments)
+    assert post.logvar.min().item() == -30.0
+    std_normal = DiagonalGaussianDistribution(torch.zeros(2, 8, 2, 2))
+    assert torch.allclose(std_normal.kl(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("norm", NORM_TYPES)
+def test_discriminator_shapes(norm):
+    d = NLayerDiscriminator(3, 16, 3, norm)
+    out = d(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1, 6, 6)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not norm.startswith("spectral"):
+        assert abs(convs[0].weight.std().item() - 0.02) < 0.01
+
+
+def test_bad_architecture_errors():
+    with pytest.raises(ValueError, match="divisible by norm_num_groups=32"):
+        AutoencoderKL.from_preset("tiny", norm_num_groups=32, block_out_channels=(16, 32))
+    with pytest.raises(ValueError, match="unknown preset 'xl'"):
+        AutoencoderKL.from_preset("xl")
+    with pytest.raises(ValueError, match="norm_type 'layer'"):
+        NLayerDiscriminator(norm_type="layer")
+
+
+def test_save_is_atomic_over_existing(tmp_path):
+    model = AutoencoderKL.from_preset("tiny")
+    save_diffusers(model, tmp_path / "vae")
+    save_diffusers(model, tmp_path / "vae")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]

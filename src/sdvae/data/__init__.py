@@ -1,0 +1,1 @@
+"""Data: sources, decoding/validation, the sharded cache and the Lightning DataModule."""

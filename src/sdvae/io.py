@@ -21,6 +21,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(target.parent, target.name)  # leftovers of a killed earlier writer
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o755)
     try:
@@ -61,12 +62,17 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def clean_stale_temps(directory: str | Path) -> None:
-    """Remove temp leftovers of a killed writer (`.name.tmp-*`, `.name.old-*`)."""
+def clean_stale_temps(directory: str | Path, name: str = "*") -> None:
+    """Remove temp leftovers of a killed writer of `name` (`.name.tmp-*`, `.name.old-*`).
+
+    Callers hold the output exclusively (DVC locks the repo while a stage runs).
+    """
     d = Path(directory)
     if not d.is_dir():
         return
-    for p in d.glob(".*.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    for p in d.glob(".*.old-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+        for p in d.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)

@@ -1,0 +1,118 @@
+"""VAE-GAN objective in the LDM `LPIPSWithDiscriminator` tradition, with its known bugs fixed.
+
+Reduction convention (the one LDM uses, stated because `kl_weight` only means something with it):
+the reconstruction NLL is summed over pixels and channels of each image, the KL is summed over
+latent elements of each image, and both are averaged over the batch. So `kl_weight = 1e-6`
+weighs one image's total KL against its total per-pixel error.
+
+Fixes over the references: LPIPS is computed with gradients (it is a loss, not a metric), and
+the learnable log-variance is a real parameter handed to the optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdvae.config import LossConfig
+from sdvae.models.autoencoder_kl import DiagonalGaussianDistribution
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+def vanilla_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+
+
+def adaptive_gan_weight(
+    nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float
+) -> torch.Tensor:
+    """||grad nll|| / (||grad gan|| + 1e-4) at the decoder's last layer: balances the two terms."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+@dataclass
+class GeneratorTerms:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor]
+
+
+class VAEGANLoss(nn.Module):
+    """Generator and discriminator losses; `perceptual` is a frozen LPIPS network (or None)."""
+
+    def __init__(self, cfg: LossConfig, perceptual: nn.Module | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.perceptual = perceptual if cfg.perceptual_weight > 0 else None
+        # A parameter either way (checkpoint layout stays the same); optimized only when learn_logvar.
+        self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)), requires_grad=cfg.learn_logvar)
+        self.d_loss_fn = hinge_d_loss if cfg.gan == "hinge" else vanilla_d_loss
+        self.register_buffer("ema_real", torch.zeros(()))  # LeCam anchors
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def reconstruction(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pixel reconstruction error (+ weighted LPIPS broadcast over pixels)."""
+        diff = x.float() - xrec.float()
+        rec = diff.abs() if self.cfg.reconstruction == "l1" else diff.pow(2)
+        pixel = rec.mean()
+        if self.perceptual is not None:
+            p = self.perceptual(x.float(), xrec.float())  # (N, 1, 1, 1), differentiable w.r.t. xrec
+            rec = rec + self.cfg.perceptual_weight * p
+            return rec, pixel, p.mean()
+        return rec, pixel, torch.zeros((), device=x.device)
+
+    def generator(
+        self,
+        x: torch.Tensor,
+        xrec: torch.Tensor,
+        posterior: DiagonalGaussianDistribution,
+        logits_fake: torch.Tensor | None,
+        last_layer: torch.Tensor | None,
+    ) -> GeneratorTerms:
+        n = x.shape[0]
+        rec, pixel, p_loss = self.reconstruction(x, xrec)
+        nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / n
+        kl = posterior.kl().sum() / n
+        loss = nll + self.cfg.kl_weight * kl
+        logs = {
+            "rec_loss": pixel.detach(),
+            "p_loss": p_loss.detach(),
+            "nll_loss": nll.detach(),
+            "kl_loss": kl.detach(),
+            "logvar": self.logvar.detach(),
+        }
+        if logits_fake is not None:
+            g_loss = -logits_fake.float().mean()
+            if last_layer is not None and self.training:
+                d_weight = adaptive_gan_weight(nll, g_loss, last_layer, self.cfg.adaptive_weight_max)
+            else:
+                d_weight = torch.ones((), device=x.device)
+            d_weight = d_weight * self.cfg.disc_weight
+            loss = loss + d_weight * self.cfg.disc_factor * g_loss
+            logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
+        logs["total_loss"] = loss.detach()
+        return GeneratorTerms(loss, logs)
+
+    def discriminator(
+        self, logits_real: torch.Tensor, logits_fake: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        real, fake = logits_real.float(), logits_fake.float()
+        d_loss = self.cfg.disc_factor * self.d_loss_fn(real, fake)
+        logs = {"disc_loss": d_loss.detach(), "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
+        if self.cfg.lecam_weight > 0:
+            decay = self.cfg.lecam_decay
+            with torch.no_grad():
+                self.ema_real.mul_(decay).add_((1 - decay) * real.mean())
+                self.ema_fake.mul_(decay).add_((1 - decay) * fake.mean())
+            reg = F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()
+            d_loss = d_loss + self.cfg.lecam_weight * reg
+            logs["lecam_reg"] = reg.detach()
+        return d_loss, logs

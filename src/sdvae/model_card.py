@@ -1,0 +1,76 @@
+"""The model card shipped with every export: what it is, what it saw, how good it is, how to load it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sdvae.models.autoencoder_kl import AutoencoderKL, count_parameters
+
+
+def _table(scores: dict[str, Any]) -> str:
+    keys = ("rfid", "lpips", "lpips_std", "psnr", "ssim")
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name in ("model", "baseline"):
+        row = scores.get(name, {})
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" if k in row else "n/a" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def render_model_card(
+    model: AutoencoderKL,
+    *,
+    params: dict[str, Any],
+    sources: dict[str, Any],
+    licenses: list[str],
+    scores: dict[str, Any],
+    stats: dict[str, Any],
+    run_id: str | None,
+) -> str:
+    cfg = model.config
+    return f"""---
+library_name: diffusers
+tags: [autoencoder, vae, stable-diffusion, sdvae]
+---
+# sdvae AutoencoderKL
+
+A KL-regularised autoencoder (the first stage of latent diffusion) trained as a VAE-GAN with sdvae.
+
+## Architecture
+- block_out_channels {list(cfg.block_out_channels)}, layers_per_block {cfg.layers_per_block},
+  latent_channels {cfg.latent_channels}, norm_num_groups {cfg.norm_num_groups},
+  mid-block attention {cfg.mid_block_add_attention}; downsampling factor {model.downsample_factor}
+- {count_parameters(model):,} parameters
+- scaling_factor {cfg.scaling_factor:.6g} (1/std of posterior samples over {stats.get("images", "?")} training crops;
+  per-channel mean {[round(v, 4) for v in stats.get("channel_mean", [])]},
+  std {[round(v, 4) for v in stats.get("channel_std", [])]})
+
+## Training data
+{json.dumps(sources, indent=2)}
+
+Licenses of the source images are in `licenses/`: {", ".join(licenses) or "none recorded"}.
+
+## Evaluation (held-out set, {scores.get("eval_images", "?")} images at {scores.get("resolution", "?")} px,
+{scores.get("weights", "?")} weights)
+{_table(scores)}
+
+The baseline is bicubic downscaling to as many values as the latent holds, then bicubic upscaling.
+rFID on a few dozen images is a noisy, biased estimate: compare runs on the same set only.
+
+## Use with diffusers
+```python
+import torch
+from diffusers import AutoencoderKL
+vae = AutoencoderKL.from_pretrained("path/to/this/folder")
+x = torch.rand(1, 3, 256, 256) * 2 - 1                      # images in [-1, 1]
+latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+recon = vae.decode(latents / vae.config.scaling_factor).sample
+```
+
+## Training parameters
+MLflow run: {run_id or "n/a"}
+
+```json
+{json.dumps(params, indent=2)}
+```
+"""

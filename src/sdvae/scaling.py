@@ -1,0 +1,51 @@
+"""Latent scaling factor: make diffusion latents unit-variance instead of copying 0.18215.
+
+0.18215 is 1/std of *SD's* latents; a retrained VAE has its own. We estimate it the way LDM's
+`scale_by_std` does, on posterior samples over a sample of images, plus per-channel statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from sdvae.models.autoencoder_kl import AutoencoderKL
+
+
+@torch.no_grad()
+def latent_statistics(
+    model: AutoencoderKL, batches: Iterable[torch.Tensor], seed: int = 0, device: str | torch.device = "cpu"
+) -> dict[str, object]:
+    """1/std over all latent values (`scaling_factor`), global mean, per-channel mean/std."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = total_sq = 0.0
+    count = 0
+    ch_sum = ch_sq = None
+    ch_count = 0
+    images = 0
+    model = model.to(device).eval()
+    for x in batches:
+        z = model.encode(x.to(device)).sample(gen).double()
+        total += z.sum().item()
+        total_sq += z.pow(2).sum().item()
+        count += z.numel()
+        s, sq = z.sum(dim=(0, 2, 3)), z.pow(2).sum(dim=(0, 2, 3))
+        ch_sum = s if ch_sum is None else ch_sum + s
+        ch_sq = sq if ch_sq is None else ch_sq + sq
+        ch_count += z.shape[0] * z.shape[2] * z.shape[3]
+        images += z.shape[0]
+    if count == 0 or ch_sum is None or ch_sq is None:
+        raise ValueError("latent_statistics needs at least one batch")
+    mean = total / count
+    std = max(total_sq / count - mean**2, 0.0) ** 0.5
+    ch_mean = ch_sum / ch_count
+    ch_std = (ch_sq / ch_count - ch_mean.pow(2)).clamp_min(0).sqrt()
+    return {
+        "scaling_factor": 1.0 / std,
+        "mean": mean,
+        "std": std,
+        "images": images,
+        "channel_mean": ch_mean.tolist(),
+        "channel_std": ch_std.tolist(),
+    }

@@ -1,0 +1,32 @@
+"""MLflow helpers for the stages after training: they add to the training run, never a new one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+
+def training_run(run_file: str | Path = "models/train/run.json") -> tuple[MlflowClient, str]:
+    info = json.loads(Path(run_file).read_text())
+    return MlflowClient(tracking_uri=info["tracking_uri"]), info["run_id"]
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], prefix: str, step: int = 0) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            client.log_metric(run_id, f"{prefix}{key}", float(value), step=step)
+
+
+def register_folder(client: MlflowClient, run_id: str, folder: str | Path, artifact_path: str, name: str) -> int:
+    """Log `folder` as artifacts and register it as a new version of model `name`."""
+    client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # mlflow raises RestException/MlflowException when absent
+        client.create_registered_model(name, description="sdvae KL autoencoders (diffusers AutoencoderKL format)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    return int(version.version)

@@ -1,0 +1,91 @@
+"""Callbacks: atomic last.ckpt every N windows, reconstruction grids, metrics files."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+
+from sdvae.io import write_json
+
+
+def save_grid(inputs: torch.Tensor, recons: torch.Tensor, path: Path, max_images: int = 8) -> Path:
+    """Two rows, input above reconstruction, each image in [-1, 1]; written as PNG."""
+    n = min(max_images, inputs.shape[0])
+    return save_rows([inputs[:n].cpu(), recons[:n].cpu()], path)
+
+
+class AtomicLastCheckpoint(L.Callback):
+    """Writes `last.ckpt` every N windows (and at the end) via a temp file + rename."""
+
+    def __init__(self, dirpath: str | Path, every: int) -> None:
+        self.dirpath, self.every = Path(dirpath), every
+
+    def _save(self, trainer: L.Trainer) -> None:
+        tmp = self.dirpath / ".last.ckpt.tmp"
+        # weights_only=False: keep optimizer, scheduler and loop state so a resume is exact.
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank calls, rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.dirpath / "last.ckpt")
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if getattr(pl_module, "window_done", False) and pl_module.windows % self.every == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+
+class ValidationGrid(L.Callback):
+    """Saves input | reconstruction grids of each validation and logs them to MLflow."""
+
+    def __init__(self, outdir: str | Path, max_images: int = 8) -> None:
+        self.outdir, self.max_images = Path(outdir), max_images
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        grid = getattr(pl_module, "val_grid", None)
+        if grid is None or not trainer.is_global_zero:
+            return
+        path = save_grid(*grid, self.outdir / f"val_step{pl_module.windows:06d}.png", self.max_images)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "run_id"):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="grids")
+
+
+def write_history(history: list[dict[str, float]], train_csv: Path, val_csv: Path) -> None:
+    """Per-step CSVs for `dvc plots`: one for training rows, one for validation rows."""
+    for path, prefix in ((train_csv, "train/"), (val_csv, "val/")):
+        rows = [r for r in history if any(k.startswith(prefix) for k in r)]
+        keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["step", *(k.removeprefix(prefix) for k in keys)])
+            for r in rows:
+                w.writerow([int(r["step"]), *(f"{r[k]:.6g}" if k in r else "" for k in keys)])
+        os.replace(tmp, path)
+
+
+def write_final_metrics(history: list[dict[str, float]], path: Path, extra: dict[str, float]) -> None:
+    last: dict[str, float] = {}
+    for r in history:
+        last.update({k: v for k, v in r.items() if k != "step"})
+    write_json(path, {**{k.replace("/", "_"): v for k, v in last.items()}, **extra})
+
+
+def save_rows(rows: list[torch.Tensor], path: Path) -> Path:
+    """Stack rows of equally sized images (each row a batch in [-1, 1]) into one PNG."""
+    grid = torch.cat([torch.cat(list(r.float().clamp(-1, 1)), dim=-1) for r in rows], dim=-2)
+    arr = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(np.ascontiguousarray(arr)).save(tmp)
+    os.replace(tmp, path)
+    return path

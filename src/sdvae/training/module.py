@@ -1,0 +1,265 @@
+"""LightningModule for VAE-GAN training with manual optimization.
+
+Why manual: the generator and discriminator take turns, accumulate separately and have their
+own schedules. Why our own counters: under manual optimization Lightning's `global_step`
+counts every optimizer.step() of every optimizer, so `disc_start` keyed on it fires early
+(Lightning #17958); `windows` counts optimisation windows and `g_steps` generator steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from sdvae.config import Config
+from sdvae.evaluation import ReconstructionMetrics
+from sdvae.losses import VAEGANLoss
+from sdvae.models.autoencoder_kl import AutoencoderKL
+from sdvae.models.discriminator import NLayerDiscriminator
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients."""
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):  # type: ignore[no-untyped-def]
+    """Multiplier on the base LR per optimizer step: constant, linear warmup, or warmup + cosine."""
+
+    def fn(step: int) -> float:
+        if schedule != "constant" and warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return fn
+
+
+def _finite_grads(params: list[nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
+
+
+class VAEGANModule(L.LightningModule):
+    def __init__(self, cfg: Config, autoencoder: AutoencoderKL, perceptual: nn.Module | None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.autoencoder = autoencoder
+        d = cfg.discriminator
+        self.discriminator = NLayerDiscriminator(autoencoder.config.out_channels, d.ndf, d.n_layers, d.norm)
+        self.loss = VAEGANLoss(cfg.loss, perceptual)
+        self.ema: AveragedModel | None = None
+        if cfg.train.ema:
+            self.ema = AveragedModel(
+                autoencoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
+            )
+            self.ema.requires_grad_(False)
+        if cfg.train.decoder_only:
+            for m in (autoencoder.encoder, autoencoder.quant_conv):
+                if m is not None:
+                    m.requires_grad_(False)
+        # counters, saved in checkpoints
+        self.windows = 0  # optimisation windows completed
+        self.g_steps = 0
+        self.d_steps = 0
+        self.micro = 0  # micro-batches into the current window
+        self.bad_steps = 0  # total skipped steps (non-finite)
+        self.consecutive_bad = 0
+        self.window_done = False
+        self._t_last = time.perf_counter()
+        self._images_since = 0
+        self.history: list[dict[str, float]] = []  # per logged window, for metrics files
+
+    # -- optimizers ------------------------------------------------------------------------------------
+    def generator_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.autoencoder.parameters() if p.requires_grad]
+        if self.cfg.loss.learn_logvar:
+            params.append(self.loss.logvar)
+        return params
+
+    def configure_optimizers(self) -> Any:
+        t = self.cfg.train
+        fused = {"fused": True} if torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda") else {}
+        opt_g = torch.optim.AdamW(
+            self.generator_parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
+        )
+        opt_d = torch.optim.AdamW(
+            self.discriminator.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
+        )
+        total = t.max_steps
+        sched = [
+            torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(t.lr_schedule, t.warmup_steps, total))
+            for o in (opt_g, opt_d)
+        ]
+        return [opt_g, opt_d], sched
+
+    # -- schedule --------------------------------------------------------------------------------------
+    @property
+    def gan_active(self) -> bool:
+        return self.g_steps >= self.cfg.loss.disc_start and self.cfg.loss.disc_factor > 0
+
+    def window_roles(self) -> tuple[bool, bool]:
+        """(train generator, train discriminator) for the current window."""
+        if not self.gan_active:
+            return True, False
+        if self.cfg.train.gan_schedule == "both":
+            return True, True
+        return self.windows % 2 == 0, self.windows % 2 == 1
+
+    # -- training --------------------------------------------------------------------------------------
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        t = self.cfg.train
+        k = t.accumulate_grad_batches
+        opt_g, opt_d = self.optimizers()
+        sch_g, sch_d = self.lr_schedulers()
+        train_g, train_d = self.window_roles()
+        use_gan = self.gan_active
+        logs: dict[str, torch.Tensor] = {}
+        bad = torch.zeros((), device=batch.device)
+
+        self.discriminator.requires_grad_(False)
+        if train_g:
+            xrec, posterior = self.autoencoder(batch, sample_posterior=True)
+            logits_fake = self.discriminator(xrec) if use_gan else None
+            last = self.autoencoder.decoder.conv_out.weight
+            terms = self.loss.generator(batch, xrec, posterior, logits_fake, last if use_gan else None)
+            logs.update(terms.logs)
+            if torch.isfinite(terms.loss):
+                self.manual_backward(terms.loss / k)
+            else:
+                bad += 1
+        else:
+            with torch.no_grad():
+                xrec = self.autoencoder(batch, sample_posterior=True)[0]
+        self.discriminator.requires_grad_(True)
+        if train_d:
+            logits_real = self.discriminator(batch.detach())
+            logits_fake_d = self.discriminator(xrec.detach())
+            d_loss, d_logs = self.loss.discriminator(logits_real, logits_fake_d)
+            logs.update(d_logs)
+            if torch.isfinite(d_loss):
+                self.manual_backward(d_loss / k)
+            else:
+                bad += 1
+
+        self.micro += 1
+        self._images_since += batch.shape[0]
+        self.window_done = self.micro >= k
+        if not self.window_done:
+            return
+        self.micro = 0
+        for train, opt, sch, params, name in (
+            (train_g, opt_g, sch_g, self.generator_parameters(), "g"),
+            (train_d, opt_d, sch_d, list(self.discriminator.parameters()), "d"),
+        ):
+            if not train:
+                continue
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is not None:
+                scaler.unscale_(opt.optimizer)
+            if t.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                logs[f"grad_norm_{name}"] = norm.detach()
+            finite = _finite_grads(params)
+            if not finite:
+                bad += 1
+            # Every rank must agree to skip, or weights diverge across ranks.
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+            if bad > 0 and scaler is None:
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()  # with a GradScaler, a non-finite step is skipped by the scaler itself
+            opt.zero_grad(set_to_none=True)
+            sch.step()
+            if name == "g":
+                self.g_steps += 1
+                if self.ema is not None:
+                    self.ema.update_parameters(self.autoencoder)
+            else:
+                self.d_steps += 1
+        bad_total = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if bad_total > 0:
+            self.bad_steps += 1
+            self.consecutive_bad += 1
+            if self.consecutive_bad >= t.max_bad_steps:
+                raise NonFiniteTrainingError(
+                    f"{self.consecutive_bad} consecutive steps had non-finite loss or gradients (window "
+                    f"{self.windows}); stopping. Lower train.lr, enable train.grad_clip, or use precision "
+                    f"bf16-mixed instead of 16-mixed. Last checkpoint holds the last finite weights."
+                )
+        else:
+            self.consecutive_bad = 0
+        self.windows += 1
+        self._log_window(logs, opt_g)
+        if self.windows >= t.max_steps:
+            self.trainer.should_stop = True
+
+    def _log_window(self, logs: dict[str, torch.Tensor], opt_g: Any) -> None:
+        self.log("step", float(self.windows), prog_bar=True, logger=False)
+        if "total_loss" in logs:
+            self.log("loss", logs["total_loss"], prog_bar=True, logger=False)
+        if self.windows % self.cfg.train.log_every and self.windows != self.cfg.train.max_steps:
+            return
+        now = time.perf_counter()
+        row = {f"train/{k}": float(v) for k, v in logs.items()}
+        row["train/images_per_s"] = self._images_since * self.trainer.world_size / max(now - self._t_last, 1e-9)
+        row["train/lr"] = float(opt_g.param_groups[0]["lr"])
+        row["train/g_steps"], row["train/d_steps"] = float(self.g_steps), float(self.d_steps)
+        row["train/skipped_steps"] = float(self.bad_steps)
+        self._t_last, self._images_since = now, 0
+        if self.logger is not None:
+            self.logger.log_metrics(row, step=self.windows)
+        self.history.append({"step": self.windows, **row})
+
+    # -- validation ------------------------------------------------------------------------------------
+    def eval_autoencoder(self) -> AutoencoderKL:
+        """The weights validation and export use: EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.autoencoder
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics = ReconstructionMetrics(self.loss.perceptual).to(self.device)
+        self.val_grid: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        model = self.eval_autoencoder()
+        xrec = model.decode(model.encode(batch).mode()).clamp(-1, 1)
+        self.val_metrics.update(batch, xrec)
+        if batch_idx == 0:
+            self.val_grid = (batch.detach().cpu(), xrec.detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        values = {f"val/{k}": float(v) for k, v in self.val_metrics.compute().items()}
+        if self.logger is not None:
+            self.logger.log_metrics(values, step=self.windows)
+        self.history.append({"step": self.windows, **values})
+        self.log("val_lpips", values.get("val/lpips", float("nan")), prog_bar=True, logger=False, sync_dist=False)
+
+    # -- checkpoint state --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, tensor in checkpoint["state_dict"].items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise NonFiniteTrainingError(f"refusing to write a checkpoint: {name} holds non-finite values")
+        checkpoint["sdvae_counters"] = {
+            "windows": self.windows,
+            "g_steps": self.g_steps,
+            "d_steps": self.d_steps,
+            "bad_steps": self.bad_steps,
+            "micro": self.micro,
+        }
+        checkpoint["sdvae_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        c = checkpoint["sdvae_counters"]
+        self.windows, self.g_steps, self.d_steps = c["windows"], c["g_steps"], c["d_steps"]
+        self.bad_steps, self.micro = c["bad_steps"], c["micro"]
+        self.history = list(checkpoint.get("sdvae_history", []))

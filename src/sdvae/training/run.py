@@ -1,0 +1,159 @@
+"""Wire config, data, model, MLflow and the Lightning Trainer into one resumable training run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import DDPStrategy
+
+from sdvae.config import Config, TrackingConfig
+from sdvae.data.datamodule import ShardDataModule
+from sdvae.formats.diffusers import load_diffusers, save_diffusers
+from sdvae.io import write_json
+from sdvae.metrics import build_lpips
+from sdvae.models.factory import build_autoencoder
+from sdvae.training.callbacks import AtomicLastCheckpoint, ValidationGrid, write_final_metrics, write_history
+from sdvae.training.module import VAEGANModule
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    train_cache: Path = Path("data/cache/train")
+    eval_cache: Path = Path("data/cache/eval")
+    checkpoints: Path = Path("checkpoints")
+    out: Path = Path("models/train")
+    grids: Path = Path("outputs/grids")
+    metrics: Path = Path("metrics/train.json")
+    train_csv: Path = Path("metrics/train_steps.csv")
+    val_csv: Path = Path("metrics/val_steps.csv")
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def run_fingerprint(cfg: Config, paths: TrainPaths) -> str:
+    """What a checkpoint must match to be resumed: training-relevant params + the data caches."""
+    relevant = {k: v for k, v in cfg.to_dict().items() if k in ("data", "model", "loss", "discriminator", "train")}
+    for split in (paths.train_cache, paths.eval_cache):
+        manifest = split / "manifest.json"
+        relevant[str(split)] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _resume_state(cfg: Config, paths: TrainPaths) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume, MLflow run id to continue); stale checkpoints of other params are removed."""
+    ckpt, meta_file = paths.checkpoints / "last.ckpt", paths.checkpoints / "run.json"
+    fingerprint = run_fingerprint(cfg, paths)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("fingerprint") != fingerprint:
+        if paths.checkpoints.exists():
+            print(f"checkpoints in {paths.checkpoints} belong to other params or data: starting afresh")
+            shutil.rmtree(paths.checkpoints)
+        return None, None
+    return (ckpt if ckpt.is_file() else None), meta.get("run_id")
+
+
+def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
+    t = cfg.train
+    strategy: Any = t.strategy
+    if t.strategy == "ddp":
+        # G and D take turns: the idle network's parameters get no gradient in a window.
+        strategy = DDPStrategy(find_unused_parameters=True)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=strategy,
+        precision=t.precision,
+        max_epochs=-1,
+        max_steps=-1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        check_val_every_n_epoch=None,
+        val_check_interval=t.val_every * t.accumulate_grad_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        deterministic=False,
+        default_root_dir="outputs",
+    )
+
+
+def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
+    """Train (or resume) and write the raw and EMA autoencoders as diffusers folders."""
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    resume, run_id = _resume_state(cfg, paths)
+    if cfg.train.init_from:
+        autoencoder = load_diffusers(cfg.train.init_from)
+        autoencoder.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    else:
+        autoencoder = build_autoencoder(cfg.model, cfg.train.resolution)
+    module = VAEGANModule(cfg, autoencoder, build_lpips(cfg.weights))
+    datamodule = ShardDataModule(
+        paths.train_cache, paths.eval_cache, cfg.train.batch_size, cfg.train.num_workers, cfg.train.val_images
+    )
+    uri = tracking_uri(cfg.tracking)
+    logger = MLFlowLogger(
+        experiment_name=cfg.tracking.experiment,
+        tracking_uri=uri,
+        run_name=cfg.tracking.run_name,
+        run_id=run_id,
+        log_model=False,
+    )
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        AtomicLastCheckpoint(paths.checkpoints, cfg.train.checkpoint_every),
+        ValidationGrid(paths.grids, cfg.eval.grid_images),
+    ]
+    trainer = build_trainer(cfg, logger, callbacks)
+    if trainer.is_global_zero:
+        if run_id is None:
+            logger.log_hyperparams(cfg.flat())
+        write_json(
+            paths.checkpoints / "run.json",
+            {"fingerprint": run_fingerprint(cfg, paths), "run_id": logger.run_id, "tracking_uri": uri},
+        )
+    if resume is not None:
+        print(f"resuming from {resume}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    result = {
+        "run_id": logger.run_id,
+        "tracking_uri": uri,
+        "windows": module.windows,
+        "g_steps": module.g_steps,
+        "d_steps": module.d_steps,
+        "skipped_steps": module.bad_steps,
+        "resumed": resume is not None,
+    }
+    if trainer.is_global_zero:
+        raw = module.autoencoder
+        save_diffusers(raw, paths.out / "vae")
+        if module.ema is not None:
+            save_diffusers(module.ema.module, paths.out / "vae_ema")
+        elif (paths.out / "vae_ema").exists():
+            shutil.rmtree(paths.out / "vae_ema")
+        write_json(paths.out / "run.json", result)
+        write_history(module.history, paths.train_csv, paths.val_csv)
+        write_final_metrics(
+            module.history,
+            paths.metrics,
+            {
+                "steps": module.windows,
+                "g_steps": module.g_steps,
+                "d_steps": module.d_steps,
+                "skipped_steps": module.bad_steps,
+            },
+        )
+        logger.experiment.log_metric(logger.run_id, "train/final_windows", module.windows, step=module.windows)
+        for f in (paths.metrics, paths.train_csv, paths.val_csv):
+            logger.experiment.log_artifact(logger.run_id, str(f), artifact_path="metrics")
+    return result

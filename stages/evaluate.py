@@ -1,0 +1,56 @@
+"""Stage `evaluate`: rFID, LPIPS, PSNR, SSIM of the trained model and the bicubic baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from common import pipeline_weights
+from sdvae.config import load_config
+from sdvae.data.datamodule import ShardDataset, to_model_range
+from sdvae.evaluation import evaluate_with_baseline
+from sdvae.formats.diffusers import load_diffusers
+from sdvae.io import write_json
+from sdvae.metrics import build_fid, build_lpips
+from sdvae.tracking import log_metrics, training_run
+from sdvae.training.callbacks import save_rows
+
+
+def main() -> None:
+    cfg = load_config()
+    e = cfg.eval
+    device = torch.device("cuda" if e.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    ema = Path("models/train/vae_ema")
+    weights = "ema" if e.use_ema and ema.is_dir() else "raw"
+    model = load_diffusers(ema if weights == "ema" else Path("models/train/vae"))
+    dataset = ShardDataset("data/cache/eval")
+    loader = (to_model_range(b) for b in DataLoader(dataset, batch_size=e.batch_size))
+    scores, rows = evaluate_with_baseline(
+        model,
+        loader,
+        build_lpips(pipeline_weights(cfg)),
+        lambda: build_fid(pipeline_weights(cfg)),
+        device,
+        e.grid_images,
+    )
+    grid = save_rows(rows, Path("metrics/eval_grid.png"))
+    result = {
+        **scores,
+        "eval_images": len(dataset),
+        "resolution": e.resolution,
+        "weights": weights,
+        "beats_baseline_lpips": scores["model"]["lpips"] < scores["baseline"]["lpips"],
+    }
+    write_json("metrics/eval.json", result)
+    client, run_id = training_run()
+    log_metrics(client, run_id, scores["model"], "eval/")
+    log_metrics(client, run_id, scores["baseline"], "eval_baseline/")
+    client.log_artifact(run_id, str(grid), artifact_path="eval")
+    client.log_artifact(run_id, "metrics/eval.json", artifact_path="eval")
+    print(result)
+
+
+if __name__ == "__main__":
+    main()

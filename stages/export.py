@@ -1,0 +1,54 @@
+"""Stage `export`: the diffusers folder models/vae (scaling factor computed), model card, MLflow registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from sdvae.config import load_config
+from sdvae.data.datamodule import ShardDataset, to_model_range
+from sdvae.formats.diffusers import load_diffusers, save_diffusers
+from sdvae.io import write_json
+from sdvae.model_card import render_model_card
+from sdvae.scaling import latent_statistics
+from sdvae.tracking import register_folder, training_run
+
+
+def main() -> None:
+    cfg = load_config()
+    x = cfg.export
+    ema = Path("models/train/vae_ema")
+    model = load_diffusers(ema if cfg.eval.use_ema and ema.is_dir() else Path("models/train/vae"))
+    stats: dict[str, object] = {}
+    if x.compute_scaling_factor:
+        train = ShardDataset("data/cache/train")
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.data.seed))[: x.scaling_images]
+        loader = (to_model_range(b) for b in DataLoader(Subset(train, pick.tolist()), batch_size=cfg.eval.batch_size))
+        stats = latent_statistics(model, loader, seed=cfg.data.seed)
+        model.config = model.config.replace(scaling_factor=float(stats["scaling_factor"]))
+    scores = json.loads(Path("metrics/eval.json").read_text())
+    sources = {s: json.loads(Path(f"data/raw/{s}/source.json").read_text()) for s in ("train", "eval")}
+    licenses = sorted({p.name for s in ("train", "eval") for p in Path(f"data/raw/{s}/licenses").glob("*")})
+    client, run_id = training_run()
+    card = render_model_card(
+        model, params=cfg.to_dict(), sources=sources, licenses=licenses, scores=scores, stats=stats, run_id=run_id
+    )
+    out = save_diffusers(model, x.dir, extra_files={"README.md": card})
+    for s in ("train", "eval"):
+        for lic in Path(f"data/raw/{s}/licenses").glob("*"):
+            (out / "licenses").mkdir(exist_ok=True)
+            shutil.copy(lic, out / "licenses" / lic.name)
+    result = {"dir": str(out), "scaling_factor": model.config.scaling_factor, "latent_stats": stats}
+    if x.register_model:
+        result["registered_version"] = register_folder(client, run_id, out, "vae", x.model_name)
+        result["registered_name"] = x.model_name
+    write_json("metrics/export.json", result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

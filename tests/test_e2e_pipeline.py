@@ -1,0 +1,211 @@
+"""The real pipeline on tiny params: dvc repro, dvc exp, push/pull, exported model, mlflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TINY_PARAMS = {
+    "model": {"block_out_channels": [16, 32], "norm_num_groups": 8},
+    "discriminator": {"ndf": 8, "n_layers": 2},
+    "loss": {"disc_start": 2},
+    "train": {
+        "resolution": 32,
+        "batch_size": 4,
+        "max_steps": 6,
+        "val_every": 3,
+        "checkpoint_every": 2,
+        "log_every": 2,
+        "warmup_steps": 1,
+        "val_images": 2,
+    },
+    "eval": {"resolution": 32, "batch_size": 2, "grid_images": 2},
+    "export": {"scaling_images": 8},
+}
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _copy_worktree(dest: Path) -> None:
+    """The project as it is now (tracked + untracked, not ignored), as a fresh git repo."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, photos):
+    base = tmp_path_factory.mktemp("e2e")
+    repo = base / "repo"
+    repo.mkdir()
+    _copy_worktree(repo)
+    for split, arrs in (("train", photos[:3]), ("eval", photos[3:])):
+        d = base / "photos" / split
+        d.mkdir(parents=True)
+        for i, arr in enumerate(arrs):
+            Image.fromarray(arr).save(d / f"{split}{i}.png")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params[section].update(values)
+    params["data"].update(
+        {
+            "train_source": f"folder:{base}/photos/train",
+            "eval_source": f"folder:{base}/photos/eval",
+            "crops_per_image": 8,
+            "train_short_side": [32, 96],
+            "min_size": 16,
+        }
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "init"], repo, env)
+    _run(["dvc", "remote", "add", "-d", "-f", "--local", "local", str(base / "remote")], repo, env)
+    _run(["dvc", "repro"], repo, env)
+    return base, repo, env
+
+
+def test_repro_writes_metrics_and_a_diffusers_model(project):
+    _, repo, env = project
+    evals = json.loads((repo / "metrics/eval.json").read_text())
+    for part in ("model", "baseline"):
+        assert set(evals[part]) >= {"rfid", "lpips", "lpips_std", "psnr", "ssim"}
+    assert isinstance(evals["beats_baseline_lpips"], bool)
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["steps"] == 6 and train["g_steps"] == 6 and train["d_steps"] == 4  # GAN from g_step 2
+    assert (repo / "metrics/eval_grid.png").is_file() and (repo / "metrics/train_steps.csv").is_file()
+    export = json.loads((repo / "metrics/export.json").read_text())
+    assert export["registered_version"] == 1 and export["scaling_factor"] > 0
+
+    import diffusers
+    import torch
+
+    vae = diffusers.AutoencoderKL.from_pretrained(repo / "models/vae").eval()
+    assert abs(vae.config.scaling_factor - export["scaling_factor"]) < 1e-9
+    with torch.no_grad():
+        out = vae(torch.zeros(1, 3, 32, 32)).sample
+    assert out.shape == (1, 3, 32, 32)
+    assert "from_pretrained" in (repo / "models/vae/README.md").read_text()
+    status = _run(["dvc", "status"], repo, env).stdout
+    assert "up to date" in status  # nothing changed: repro is a no-op
+
+
+def test_param_change_reruns_only_downstream(project):
+    _, repo, env = project
+    assert json.loads(_run(["dvc", "status", "--json"], repo, env).stdout) == {}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["eval"]["grid_images"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = json.loads(_run(["dvc", "status", "--json"], repo, env).stdout)
+    assert set(changed) == {"evaluate"}  # export depends on eval.json, re-run follows from it
+    params["eval"]["grid_images"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_experiment_push_pull_and_mlflow_server(project):
+    base, repo, env = project
+    _run(["dvc", "exp", "run", "-S", "train.lr=0.001"], repo, env)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    assert "0.001" in json.dumps(shown)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "experiment"], repo, env)
+    _run(["dvc", "push"], repo, env)
+
+    clone = base / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], base, env)
+    _run(["dvc", "remote", "add", "-d", "-f", "--local", "local", str(base / "remote")], clone, env)
+    _run(["dvc", "pull", "models/vae"], clone, env)
+    cfg = json.loads((clone / "models/vae/config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderKL"
+    assert (clone / "models/vae/diffusion_pytorch_model.safetensors").stat().st_size > 1000
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{base}/mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        req = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sdvae")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            exp_id = json.load(r)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [exp_id], "max_results": 10}).encode()
+        req = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            runs = json.load(r)["runs"]
+        assert len(runs) == 2
+        lrs = sorted(next(p["value"] for p in run["data"]["params"] if p["key"] == "train.lr") for run in runs)
+        default_lr = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["lr"]
+        assert sorted(float(v) for v in lrs) == sorted([float(default_lr), 0.001])
+        for run in runs:
+            keys = {m["key"] for m in run["data"]["metrics"]}
+            assert {"eval/lpips", "eval/rfid", "eval_baseline/lpips", "val/lpips", "train/total_loss"} <= keys
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -1,0 +1,287 @@
+"""VAE-GAN training on the tiny preset at 32 px, on real photos, through the real Lightning Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+
+from sdvae.config import Config, config_from_dict
+from sdvae.data.prepare import PrepareSpec, prepare_split
+from sdvae.training.module import NonFiniteTrainingError
+from sdvae.training.run import TrainPaths, train
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "model": {"block_out_channels": [16, 32], "norm_num_groups": 8},
+    "discriminator": {"ndf": 8, "n_layers": 2},
+    "loss": {"disc_start": 1000},
+    "data": {"train_short_side": [32, 96], "min_size": 16},
+    "train": {
+        "resolution": 32,
+        "batch_size": 4,
+        "max_steps": 8,
+        "val_every": 1000,
+        "checkpoint_every": 1000,
+        "log_every": 1,
+        "warmup_steps": 0,
+        "val_images": 4,
+        "lr": 1e-3,
+        "ema_decay": 0.9,
+    },
+    "eval": {"resolution": 32, "grid_images": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("caches")
+    raw = root / "raw" / "images"
+    raw.mkdir(parents=True)
+    for i, arr in enumerate(photos):
+        Image.fromarray(arr).save(raw / f"p{i}.png")
+    prepare_split(root / "raw", root / "train", PrepareSpec("train", 32, 16, 10**8, 256, 16, (32, 96), 0))
+    prepare_split(root / "raw", root / "eval", PrepareSpec("eval", 32, 16, 10**8, 256))
+    return root
+
+
+def make(caches: Path, tmp: Path, **overrides: dict) -> tuple[Config, TrainPaths]:
+    params: dict = {k: dict(v) for k, v in TINY.items()}
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    params["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "test"}
+    paths = TrainPaths(
+        train_cache=caches / "train",
+        eval_cache=caches / "eval",
+        checkpoints=tmp / "ckpt",
+        out=tmp / "out",
+        grids=tmp / "grids",
+        metrics=tmp / "train.json",
+        train_csv=tmp / "train.csv",
+        val_csv=tmp / "val.csv",
+    )
+    return config_from_dict(params), paths
+
+
+def _rows(paths: TrainPaths) -> list[dict[str, str]]:
+    import csv
+
+    with open(paths.train_csv) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_loss_decreases_on_real_photos(caches, tmp_path):
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 40, "log_every": 1})
+    result = train(cfg, paths)
+    assert result["windows"] == 40
+    rec = [float(r["rec_loss"]) for r in _rows(paths)]
+    assert sum(rec[-8:]) / 8 < 0.8 * sum(rec[:8]) / 8, rec
+
+
+def test_disc_starts_exactly_at_disc_start_and_mlflow_contents(caches, tmp_path):
+    cfg, paths = make(caches, tmp_path, loss={"disc_start": 5}, train={"max_steps": 9, "val_every": 9})
+    result = train(cfg, paths)
+    rows = _rows(paths)
+    assert [r["disc_loss"] != "" for r in rows] == [False] * 5 + [True] * 4
+    assert [r["d_weight"] != "" for r in rows] == [False] * 5 + [True] * 4
+    assert result["g_steps"] == 9 and result["d_steps"] == 4
+    run = mlflow.MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
+    assert run.data.params["loss.disc_start"] == "5"
+    assert {"train/total_loss", "train/logits_real", "train/d_weight", "val/lpips", "val/psnr"} <= set(run.data.metrics)
+    artifacts = [a.path for a in mlflow.MlflowClient(result["tracking_uri"]).list_artifacts(run.info.run_id, "grids")]
+    assert artifacts and artifacts[0].endswith(".png")
+
+
+def test_alternate_schedule_trains_d_on_odd_windows(caches, tmp_path):
+    cfg, paths = make(caches, tmp_path, loss={"disc_start": 2}, train={"max_steps": 8, "gan_schedule": "alternate"})
+    result = train(cfg, paths)
+    # windows 0,1: G (before disc_start); then G on even windows 2,4,6 and D on 3,5,7
+    assert (result["g_steps"], result["d_steps"]) == (5, 3)
+
+
+def _grads_of_first_step(caches, tmp_path, monkeypatch, **train_overrides) -> list[torch.Tensor]:
+    from sdvae.models.autoencoder_kl import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    captured: list[list[torch.Tensor]] = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        if not captured:
+            captured.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 1, "grad_clip": 0.0, "ema": False, **train_overrides})
+    torch.manual_seed(0)
+    train(cfg, paths)
+    return captured[0]
+
+
+def test_accumulation_equals_large_batch(caches, tmp_path, monkeypatch):
+    import sdvae.data.datamodule as dm
+
+    monkeypatch.setattr(
+        dm.ShardDataset,
+        "__getitem__",
+        lambda self, i: torch.from_numpy(__import__("numpy").array(self.reader[i])).permute(2, 0, 1),
+    )  # no random flips
+    monkeypatch.setattr(
+        dm.ShardDataModule,
+        "train_dataloader",
+        lambda self: torch.utils.data.DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True
+        ),
+    )
+    big = _grads_of_first_step(caches, tmp_path / "a", monkeypatch, batch_size=4, accumulate_grad_batches=1)
+    small = _grads_of_first_step(caches, tmp_path / "b", monkeypatch, batch_size=2, accumulate_grad_batches=2)
+    for a, b in zip(big, small, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * a.abs().max().item() + 1e-9)
+
+
+def test_bf16_mixed_runs(caches, tmp_path):
+    cfg, paths = make(caches, tmp_path, loss={"disc_start": 2}, train={"max_steps": 4, "precision": "bf16-mixed"})
+    result = train(cfg, paths)
+    assert result["windows"] == 4 and result["skipped_steps"] == 0
+
+
+def test_nan_steps_are_skipped_and_counted(caches, tmp_path, monkeypatch):
+    from sdvae.losses import VAEGANLoss
+
+    real = VAEGANLoss.generator
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        terms = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(VAEGANLoss, "generator", poisoned)
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 6, "checkpoint_every": 2})
+    result = train(cfg, paths)
+    assert result["skipped_steps"] == 2 and result["g_steps"] == 4 and result["windows"] == 6
+    from safetensors.torch import load_file
+
+    assert all(
+        torch.isfinite(t).all() for t in load_file(str(paths.out / "vae/diffusion_pytorch_model.safetensors")).values()
+    )
+    state = torch.load(paths.checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_consecutive_nan_steps_stop_training(caches, tmp_path, monkeypatch):
+    from sdvae.losses import VAEGANLoss
+
+    real = VAEGANLoss.generator
+
+    def poisoned(self, *a, **k):
+        terms = real(self, *a, **k)
+        terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(VAEGANLoss, "generator", poisoned)
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 10, "max_bad_steps": 3})
+    with pytest.raises(NonFiniteTrainingError, match="3 consecutive steps"):
+        train(cfg, paths)
+
+
+_RUNNER = """
+import json, sys, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_training import make
+from sdvae.training.run import train
+import sdvae.training.module as m
+if sys.argv[1] == "slow":
+    real = m.VAEGANModule.training_step
+    def slow(self, *a, **k):
+        time.sleep(0.3)
+        return real(self, *a, **k)
+    m.VAEGANModule.training_step = slow
+cfg, paths = make(Path({caches!r}), Path({tmp!r}), **json.loads(sys.argv[2]))
+print(json.dumps(train(cfg, paths)))
+"""
+
+
+def test_resume_after_kill_reaches_same_step_count(caches, tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(_RUNNER.format(tests=str(Path(__file__).parent), caches=str(caches), tmp=str(tmp_path)))
+    overrides = json.dumps({"train": {"max_steps": 30, "checkpoint_every": 4}, "loss": {"disc_start": 3}})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "slow", overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["sdvae_counters"]
+    assert 4 <= saved["windows"] < 30
+    done = subprocess.run([sys.executable, str(script), "fast", overrides], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["resumed"] and result["windows"] == 30 and result["g_steps"] == 30 and result["d_steps"] == 27
+    assert "resuming from" in done.stdout
+
+
+def test_changed_params_do_not_resume_stale_checkpoint(caches, tmp_path):
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 2, "checkpoint_every": 1})
+    train(cfg, paths)
+    cfg2, _ = make(caches, tmp_path, train={"max_steps": 3, "checkpoint_every": 1, "lr": 5e-4})
+    result = train(cfg2, paths)
+    assert not result["resumed"] and result["windows"] == 3
+
+
+_DDP = """
+import json, sys, hashlib
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch
+from test_training import make
+from sdvae.training import run
+cfg, paths = make(Path({caches!r}), Path({tmp!r}), loss={{"disc_start": 2}},
+                  train={{"max_steps": 6, "devices": 2, "strategy": "ddp", "accelerator": "cpu",
+                         "gan_schedule": "alternate"}})
+captured = {{}}
+real_fit = run.L.Trainer.fit
+def fit(self, module, *a, **k):
+    real_fit(self, module, *a, **k)
+    ema = torch.cat([p.detach().flatten() for p in module.ema.parameters()])
+    captured.update(rank=self.global_rank, windows=module.windows, g=module.g_steps, d=module.d_steps,
+                    ema=hashlib.sha256(ema.numpy().tobytes()).hexdigest())
+run.L.Trainer.fit = fit
+run.train(cfg, paths)
+Path({tmp!r}, f"rank{{captured['rank']}}.json").write_text(json.dumps(captured))
+"""
+
+
+def test_ddp_two_cpu_processes(caches, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP.format(tests=str(Path(__file__).parent), caches=str(caches), tmp=str(tmp_path)))
+    env = {**os.environ, "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["windows"] == ranks[1]["windows"] == 6
+    assert (ranks[0]["g"], ranks[0]["d"]) == (ranks[1]["g"], ranks[1]["d"]) == (4, 2)
+    assert ranks[0]["ema"] == ranks[1]["ema"]

@@ -13,9 +13,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def _photo(name: str) -> np.ndarray:
-    import skimage.data
+    from sdvae.data.sources import skimage_photo
 
-    return getattr(skimage.data, name)()
+    return skimage_photo(name)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def photo() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def photos() -> list[np.ndarray]:
-    return [_photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    return [_photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")]
 
 
 def to_tensor(img: np.ndarray, size: int | None = None) -> torch.Tensor:

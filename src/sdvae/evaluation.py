@@ -42,7 +42,7 @@ class ReconstructionMetrics(nn.Module):
             self.fid.update(a, real=True)
             self.fid.update(b, real=False)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, float | None]:
         out = {
             "psnr": float(self.psnr.compute()),
             "ssim": float(self.ssim.compute()),
@@ -53,7 +53,9 @@ class ReconstructionMetrics(nn.Module):
             out["lpips"] = mean
             out["lpips_std"] = max(0.0, float(self.lpips_sq.compute()) - mean**2) ** 0.5
         if self.fid is not None:
-            out["rfid"] = float(self.fid.compute())
+            # FID needs two samples per side for a covariance; with fewer it is undefined, not zero.
+            enough = int(self.fid.real_features_num_samples) >= 2 and int(self.fid.fake_features_num_samples) >= 2
+            out["rfid"] = float(self.fid.compute()) if enough else None
         return out
 
 

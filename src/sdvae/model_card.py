@@ -13,7 +13,11 @@ def _table(scores: dict[str, Any]) -> str:
     lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name in ("model", "baseline"):
         row = scores.get(name, {})
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" if k in row else "n/a" for k in keys) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{row[k]:.4f}" if isinstance(row.get(k), float) else "n/a" for k in keys)
+            + " |"
+        )
     return "\n".join(lines)
 
 

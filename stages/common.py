@@ -20,5 +20,13 @@ def pipeline_weights(cfg: Config) -> WeightsConfig:
     )
 
 
+def trained_autoencoder(cfg: Config) -> tuple[Path, str]:
+    """(folder, "ema" | "raw"): the EMA weights when enabled and present, as validation used."""
+    ema = Path("models/train/vae_ema")
+    if cfg.eval.use_ema and ema.is_dir():
+        return ema, "ema"
+    return Path("models/train/vae"), "raw"
+
+
 def pipeline_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, weights=pipeline_weights(cfg))

@@ -14,27 +14,22 @@ def main() -> None:
     cfg = load_config()
     d = cfg.data
     cache = default_cache_dir(cfg.weights.cache_dir) / "downloads"
+    splits = {"train": (d.train_source, d.eval_source), "eval": (d.eval_source, d.train_source)}
     with atomic_dir("data/raw") as tmp:
-        train = download_split(
-            d.train_source,
-            tmp / "train",
-            image_column=d.image_column,
-            download_cache=cache,
-            max_images=d.max_images,
-            exclude_from=d.eval_source,
-            eval_fraction=d.eval_fraction,
-        )
-        evals = download_split(
-            d.eval_source,
-            tmp / "eval",
-            image_column=d.image_column,
-            download_cache=cache,
-            max_images=d.max_images,
-            exclude_from=d.train_source,
-            eval_fraction=d.eval_fraction,
-            is_eval=True,
-        )
-    print(json.dumps({"train": train, "eval": evals}, indent=2))
+        info = {
+            split: download_split(
+                source,
+                tmp / split,
+                image_column=d.image_column,
+                download_cache=cache,
+                max_images=d.max_images,
+                exclude_from=other,
+                eval_fraction=d.eval_fraction,
+                is_eval=split == "eval",
+            )
+            for split, (source, other) in splits.items()
+        }
+    print(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,31 +7,31 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import pipeline_weights
+from common import pipeline_weights, trained_autoencoder
 from sdvae.config import load_config
 from sdvae.data.datamodule import ShardDataset, to_model_range
 from sdvae.evaluation import evaluate_with_baseline
 from sdvae.formats.diffusers import load_diffusers
+from sdvae.imagefiles import save_rows
 from sdvae.io import write_json
 from sdvae.metrics import build_fid, build_lpips
 from sdvae.tracking import log_metrics, training_run
-from sdvae.training.callbacks import save_rows
 
 
 def main() -> None:
     cfg = load_config()
     e = cfg.eval
     device = torch.device("cuda" if e.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    ema = Path("models/train/vae_ema")
-    weights = "ema" if e.use_ema and ema.is_dir() else "raw"
-    model = load_diffusers(ema if weights == "ema" else Path("models/train/vae"))
+    folder, which = trained_autoencoder(cfg)
+    model = load_diffusers(folder)
+    metric_weights = pipeline_weights(cfg)
     dataset = ShardDataset("data/cache/eval")
     loader = (to_model_range(b) for b in DataLoader(dataset, batch_size=e.batch_size))
     scores, rows = evaluate_with_baseline(
         model,
         loader,
-        build_lpips(pipeline_weights(cfg)),
-        lambda: build_fid(pipeline_weights(cfg)),
+        build_lpips(metric_weights),
+        lambda: build_fid(metric_weights),
         device,
         e.grid_images,
     )
@@ -40,7 +40,7 @@ def main() -> None:
         **scores,
         "eval_images": len(dataset),
         "resolution": e.resolution,
-        "weights": weights,
+        "weights": which,
         "beats_baseline_lpips": scores["model"]["lpips"] < scores["baseline"]["lpips"],
     }
     write_json("metrics/eval.json", result)

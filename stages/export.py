@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from common import trained_autoencoder
 from sdvae.config import load_config
 from sdvae.data.datamodule import ShardDataset, to_model_range
 from sdvae.formats.diffusers import load_diffusers, save_diffusers
@@ -21,8 +22,7 @@ from sdvae.tracking import register_folder, training_run
 def main() -> None:
     cfg = load_config()
     x = cfg.export
-    ema = Path("models/train/vae_ema")
-    model = load_diffusers(ema if cfg.eval.use_ema and ema.is_dir() else Path("models/train/vae"))
+    model = load_diffusers(trained_autoencoder(cfg)[0])
     stats: dict[str, object] = {}
     if x.compute_scaling_factor:
         train = ShardDataset("data/cache/train")

@@ -11,13 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from sdvae.data.images import SkippedImage, load_rgb
 from sdvae.data.sources import IMAGE_SUFFIXES
+from sdvae.imagefiles import save_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,14 +49,6 @@ def _load_image(path: Path) -> torch.Tensor:
     except SkippedImage as exc:
         raise InputError(str(exc)) from exc
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-
-
-def _save_png(x: torch.Tensor, path: Path) -> None:
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(np.ascontiguousarray(arr)).save(tmp)
-    tmp.replace(path)
 
 
 def _load_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -98,7 +89,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     def one(path: Path, rel: Path) -> None:
         target = _target(out, rel, ".png", args.overwrite)
         x = _load_image(path).to(device=device, dtype=DTYPES[args.dtype])
-        _save_png(model.reconstruct(x), target)
+        save_rows([model.reconstruct(x)], target)
 
     return _run_each(_collect(args.inputs, IMAGE_SUFFIXES), "reconstruct", one)
 
@@ -152,7 +143,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         with torch.no_grad():
             x = model.decode(z)
         h, w = int(meta.get("height", x.shape[-2])), int(meta.get("width", x.shape[-1]))
-        _save_png(x[..., :h, :w], target)
+        save_rows([x[..., :h, :w]], target)
 
     return _run_each(_collect(args.inputs, (".safetensors",)), "decode", one)
 

@@ -59,21 +59,6 @@ class ReconstructionMetrics(nn.Module):
         return out
 
 
-def evaluate_reconstructions(
-    batches: Iterable[torch.Tensor],
-    reconstruct: Callable[[torch.Tensor], torch.Tensor],
-    metrics: ReconstructionMetrics,
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Stream `batches` (in [-1, 1]) through `reconstruct` and the metrics."""
-    metrics = metrics.to(device)
-    for x in batches:
-        x = x.to(device)
-        with torch.no_grad():
-            metrics.update(x, reconstruct(x))
-    return metrics.compute()
-
-
 def evaluate_with_baseline(
     model: torch.nn.Module,
     loader: Iterable[torch.Tensor],

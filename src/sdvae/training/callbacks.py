@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from PIL import Image
 
-from sdvae.io import write_json
+from sdvae.imagefiles import save_rows
+from sdvae.io import atomic_path, write_json
 
 
 def save_grid(inputs: torch.Tensor, recons: torch.Tensor, path: Path, max_images: int = 8) -> Path:
@@ -63,14 +62,11 @@ def write_history(history: list[dict[str, float]], train_csv: Path, val_csv: Pat
     for path, prefix in ((train_csv, "train/"), (val_csv, "val/")):
         rows = [r for r in history if any(k.startswith(prefix) for k in r)]
         keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["step", *(k.removeprefix(prefix) for k in keys)])
             for r in rows:
                 w.writerow([int(r["step"]), *(f"{r[k]:.6g}" if k in r else "" for k in keys)])
-        os.replace(tmp, path)
 
 
 def write_final_metrics(history: list[dict[str, float]], path: Path, extra: dict[str, float]) -> None:
@@ -78,14 +74,3 @@ def write_final_metrics(history: list[dict[str, float]], path: Path, extra: dict
     for r in history:
         last.update({k: v for k, v in r.items() if k != "step"})
     write_json(path, {**{k.replace("/", "_"): v for k, v in last.items()}, **extra})
-
-
-def save_rows(rows: list[torch.Tensor], path: Path) -> Path:
-    """Stack rows of equally sized images (each row a batch in [-1, 1]) into one PNG."""
-    grid = torch.cat([torch.cat(list(r.float().clamp(-1, 1)), dim=-1) for r in rows], dim=-2)
-    arr = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(np.ascontiguousarray(arr)).save(tmp)
-    os.replace(tmp, path)
-    return path

@@ -187,8 +187,7 @@ class VAEGANModule(L.LightningModule):
                     self.ema.update_parameters(self.autoencoder)
             else:
                 self.d_steps += 1
-        bad_total = self.trainer.strategy.reduce(bad, reduce_op="max")
-        if bad_total > 0:
+        if bad > 0:  # already agreed across ranks inside the loop (every window trains G or D)
             self.bad_steps += 1
             self.consecutive_bad += 1
             if self.consecutive_bad >= t.max_bad_steps:
@@ -232,7 +231,7 @@ class VAEGANModule(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         model = self.eval_autoencoder()
-        xrec = model.decode(model.encode(batch).mode()).clamp(-1, 1)
+        xrec = model.reconstruct(batch).clamp(-1, 1)
         self.val_metrics.update(batch, xrec)
         if batch_idx == 0:
             self.val_grid = (batch.detach().cpu(), xrec.detach().cpu())

@@ -28,6 +28,7 @@ def test_defaults_are_frozen():
         ({"model": {"latent_channels": "four"}}, "model.latent_channels: expected int >= 1, got 'four'"),
         ({"model": {"latent_channels": 0}}, "model.latent_channels: expected int >= 1, got 0"),
         ({"model": {"preset": "huge"}}, "model.preset: expected one of 'tiny', 'sd-f8c4', 'ldm-kl-f4', got 'huge'"),
+        ({"model": {"init": "xavier"}}, "model.init: expected one of 'pytorch', 'scaled_residual', got 'xavier'"),
         ({"train": {"lr": -1}}, "train.lr: expected float > 0.0, got -1"),
         ({"train": {"precision": "fp8"}}, "train.precision: expected one of '32', 'bf16-mixed', '16-mixed'"),
         ({"train": {"ema": "yes"}}, "train.ema: expected true or false, got 'yes'"),
@@ -47,6 +48,15 @@ def test_bad_values_name_the_key(params, message):
     with pytest.raises(ConfigError) as info:
         config_from_dict(params)
     assert message in str(info.value)
+
+
+def test_float_accepts_yaml11_exponent_strings():
+    # `dvc exp run -S train.lr=5e-4` arrives through PyYAML as the string "5e-4".
+    assert config_from_dict({"train": {"lr": yaml.safe_load("5e-4")}}).train.lr == 5e-4
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float > 0\.0, got -0\.0005"):
+        config_from_dict({"train": {"lr": "-5e-4"}})
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float"):
+        config_from_dict({"train": {"lr": "fast"}})
 
 
 def test_precision_accepts_yaml_int():

@@ -173,3 +173,34 @@ def test_save_is_atomic_over_existing(tmp_path):
     save_diffusers(model, tmp_path / "vae")
     save_diffusers(model, tmp_path / "vae")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
+
+
+def test_scaled_residual_init_makes_residual_blocks_identity_and_keeps_layout():
+    from sdvae.models.blocks import ResnetBlock2D
+    from sdvae.models.init import initialize
+
+    torch.manual_seed(0)
+    default = AutoencoderKL.from_preset("tiny")
+    scaled = initialize(AutoencoderKL.from_preset("tiny"), "scaled_residual")
+    assert default.state_dict().keys() == scaled.state_dict().keys()
+    x = torch.randn(2, 32, 16, 16)
+    block = scaled.encoder.down_blocks[0].resnets[0]
+    assert isinstance(block, ResnetBlock2D)
+    assert torch.equal(block(x), x)  # zeroed residual branch: the block starts as the identity
+    attn = scaled.encoder.mid_block.attentions[0]
+    h = torch.randn(2, attn.to_q.in_features, 4, 4)
+    assert torch.equal(attn(h), h)
+    w = scaled.decoder.conv_in.weight
+    assert abs(float(w.std()) * w[0].numel() ** 0.5 - 1.0) < 0.1  # variance-preserving
+    # The default init shrinks the signal along the encoder's plain path; the scaled one keeps it.
+    img = torch.rand(4, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        spread = {name: float(m.encode(img).mean.std()) for name, m in (("default", default), ("scaled", scaled))}
+    assert spread["scaled"] > 2 * spread["default"], spread
+
+
+def test_unknown_init_scheme_is_rejected():
+    from sdvae.models.init import initialize
+
+    with pytest.raises(ValueError, match="allowed: pytorch, scaled_residual"):
+        initialize(AutoencoderKL.from_preset("tiny"), "orthogonal")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ value and what is allowed. Nothing here instantiates classes from strings: choic
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class ModelConfig:
     scaling_factor: float | None = num(None, gt=0.0)
     shift_factor: float | None = None
     gradient_checkpointing: bool = False
+    init: Literal["pytorch", "scaled_residual"] = "pytorch"  # starting weights when not init_from
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,9 @@ def _bounds_text(meta: dict[str, float]) -> str:
     return " and ".join(f"{ops[k]} {v}" for k, v in meta.items() if k in ops)
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, path: str, meta: dict[str, float]) -> Any:
     """Check `value` against annotation `tp`; return it in canonical form."""
 
@@ -241,6 +246,8 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict[str, float]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             fail("int" + (f" {_bounds_text(meta)}" if meta else ""))
     elif tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads `5e-4`, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail("float" + (f" {_bounds_text(meta)}" if meta else ""))
         value = float(value)

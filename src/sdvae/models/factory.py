@@ -6,6 +6,7 @@ from typing import Any
 
 from sdvae.config import ConfigError, ModelConfig
 from sdvae.models.autoencoder_kl import PRESETS, AutoencoderKL, AutoencoderKLConfig
+from sdvae.models.init import initialize
 
 _OVERRIDABLE = {
     "block_out_channels": "block_out_channels",
@@ -34,6 +35,6 @@ def architecture(cfg: ModelConfig, sample_size: int | None = None) -> Autoencode
 
 
 def build_autoencoder(cfg: ModelConfig, sample_size: int | None = None) -> AutoencoderKL:
-    model = AutoencoderKL(architecture(cfg, sample_size))
+    model = initialize(AutoencoderKL(architecture(cfg, sample_size)), cfg.init)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     return model

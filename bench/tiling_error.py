@@ -14,7 +14,7 @@ import torch
 
 from sdvae.data.datamodule import ShardDataset, to_model_range
 from sdvae.data.prepare import PrepareSpec, prepare_split
-from sdvae.models import AutoencoderKL
+from sdvae.formats import load_any
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--tiles", type=int, nargs="+", default=[128, 192])
     args = parser.parse_args()
-    model = AutoencoderKL.from_pretrained(args.model).eval()
+    model = load_any(args.model).eval()
     with tempfile.TemporaryDirectory() as tmp:
         prepare_split(Path(args.raw), Path(tmp) / "c", PrepareSpec("eval", args.resolution, 16, 10**9, 1024))
         ds = ShardDataset(Path(tmp) / "c")

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from common import pipeline_weights, trained_autoencoder
 from sdvae.config import load_config
 from sdvae.data.datamodule import ShardDataset, to_model_range
-from sdvae.evaluation import evaluate_with_baseline
+from sdvae.evaluation import beats_baseline, evaluate_with_baseline
 from sdvae.formats.diffusers import load_diffusers
 from sdvae.imagefiles import save_rows
 from sdvae.io import write_json
@@ -35,13 +35,19 @@ def main() -> None:
         device,
         e.grid_images,
     )
-    grid = save_rows(rows, Path("metrics/eval_grid.png"))
+    ours, base = scores["model"], scores["baseline"]
+    caption = f"{len(dataset)} eval images at {e.resolution} px, {which} weights | " + " | ".join(
+        f"{k.upper()} {ours[k]:.3f} vs {base[k]:.3f}" for k in ("lpips", "psnr", "ssim")
+    )
+    grid = save_rows(
+        rows, Path("metrics/eval_grid.png"), labels=["input", f"model ({which})", "bicubic"], caption=caption
+    )
     result = {
         **scores,
         "eval_images": len(dataset),
         "resolution": e.resolution,
         "weights": which,
-        "beats_baseline_lpips": scores["model"]["lpips"] < scores["baseline"]["lpips"],
+        "beats_baseline": beats_baseline(ours, base),
     }
     write_json("metrics/eval.json", result)
     client, run_id = training_run()

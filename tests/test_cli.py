@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from sdvae.cli import main
+from sdvae.formats import save_diffusers
 from sdvae.models import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("model") / "vae"
-    AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8).save_pretrained(d)
+    save_diffusers(AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8), d)
     return d
 
 
@@ -40,7 +41,7 @@ def _args(model_dir, out, *extra):
 def test_reconstruct_keeps_sizes_and_encode_decode_matches(images, model_dir, tmp_path):
     assert main(["reconstruct", str(images), *_args(model_dir, tmp_path / "rec")]) == 0
     sizes = {p.name: Image.open(p).size for p in (tmp_path / "rec").rglob("*.png")}
-    assert sizes == {"odd.png": (37, 29), "large.png": (80, 50), "small.png": (16, 16)}
+    assert sizes == {"odd.png.png": (37, 29), "large.jpg.png": (80, 50), "small.png.png": (16, 16)}
     assert main(["encode", str(images), *_args(model_dir, tmp_path / "lat")]) == 0
     assert main(["decode", str(tmp_path / "lat"), *_args(model_dir, tmp_path / "dec")]) == 0
     for rec in (tmp_path / "rec").rglob("*.png"):
@@ -49,7 +50,7 @@ def test_reconstruct_keeps_sizes_and_encode_decode_matches(images, model_dir, tm
         assert diff <= 1, (rec.name, diff)
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "lat" / "odd.safetensors"), "pt") as fh:
+    with safe_open(str(tmp_path / "lat" / "odd.png.safetensors"), "pt") as fh:
         meta = fh.metadata()
         assert meta["height"] == "29" and float(meta["scaling_factor"]) == pytest.approx(0.18215)
         assert fh.get_tensor("latent").shape[0] == 4
@@ -94,3 +95,127 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "my-vae" / "config.json").is_file()
+
+
+def test_same_stem_inputs_get_distinct_outputs_and_collisions_are_refused(model_dir, tmp_path, photo, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    small = Image.fromarray(photo).resize((24, 24))
+    for ext in ("jpg", "png", "tiff", "webp", "bmp", "gif"):
+        small.save(src / f"a.{ext}")
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(src), *_args(model_dir, out, "--overwrite")]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a.bmp.png", "a.gif.png", "a.jpg.png", "a.png.png", "a.tiff.png", "a.webp.png"]
+    assert "6 done, 0 failed" in capsys.readouterr().err
+    # two input roots holding the same relative path would write one output: the second is refused
+    other = tmp_path / "other"
+    other.mkdir()
+    small.save(other / "a.jpg")
+    assert main(["reconstruct", str(src / "a.jpg"), str(other / "a.jpg"), *_args(model_dir, tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert f"{other / 'a.jpg'}: would write" in err and "1 done, 1 failed" in err
+    assert [p.name for p in (tmp_path / "o2").iterdir()] == ["a.jpg.png"]
+
+
+def test_gif_is_one_rule_everywhere(model_dir, tmp_path, photo):
+    """A GIF counts as an image in folders, named directly and in prepare: its first frame."""
+    from sdvae.data.prepare import PrepareSpec, prepare_split
+
+    frames = [Image.fromarray(photo).resize((64, 64)), Image.new("RGB", (64, 64), (255, 0, 0))]
+    raw = tmp_path / "raw" / "images"
+    raw.mkdir(parents=True)
+    frames[0].save(raw / "anim.gif", save_all=True, append_images=frames[1:])
+    assert main(["reconstruct", str(raw), *_args(model_dir, tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "anim.gif.png").is_file()
+    manifest = prepare_split(raw.parent, tmp_path / "cache", PrepareSpec("eval", 32, 16, 10**8, 256))
+    assert [i["file"] for i in manifest["images"]] == ["anim.gif"] and manifest["skipped"] == []
+    from sdvae.data.images import load_rgb
+
+    first = load_rgb(raw / "anim.gif", 1, 10**8)
+    assert first[..., 0].mean() < 250 or first[..., 1].mean() > 5  # the photo frame, not the red one
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height (the guard must refuse it from the header alone)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_by_default_and_guard_is_configurable(model_dir, tmp_path, capsys, photo):
+    src = tmp_path / "in"
+    src.mkdir()
+    _png_header_only(src / "bomb.png", 20000, 20000)  # 400 M pixels, the size that used to pass
+    Image.fromarray(photo).resize((24, 24)).save(src / "ok.png")
+    assert main(["reconstruct", str(src), *_args(model_dir, tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "bomb.png: decompression bomb guard" in err and "400000000 pixels" in err and "1 done, 1 failed" in err
+    assert (
+        main(["reconstruct", str(src / "ok.png"), *_args(model_dir, tmp_path / "o2", "--max-image-pixels", "500")]) == 1
+    )
+    assert "exceeds limit of 500 pixels" in capsys.readouterr().err
+
+
+_UNDER_MEMORY_LIMIT = """
+import resource, sys
+import sdvae.cli_images, sdvae.formats, sdvae.imagefiles  # load every library before the cap
+from PIL import Image
+Image.init()
+from sdvae.cli import main
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), size + (1 << 30)))  # 1 GiB beyond what is mapped
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_out_of_memory_on_one_file_does_not_end_the_batch(model_dir, tmp_path, photo):
+    """Under a memory cap, a file too large to hold fails with one line; the others still run."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (9000, 9000), (90, 120, 200)).save(src / "a_huge.png")  # 81 M pixels: ~1 GB as floats
+    Image.fromarray(photo).resize((24, 24)).save(src / "b_ok.png")
+    script = tmp_path / "capped.py"
+    script.write_text(_UNDER_MEMORY_LIMIT)
+    proc = subprocess.run(
+        [sys.executable, str(script), "reconstruct", str(src), *_args(model_dir, tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "a_huge.png: out of memory" in proc.stderr and "Traceback" not in proc.stderr
+    assert "1 done, 1 failed" in proc.stderr
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["b_ok.png.png"]
+
+
+def test_outputs_are_written_atomically_with_shared_modes(model_dir, images, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from safetensors import torch as st
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands in for a kill while the file is being written
+
+    real = st.save_file
+    monkeypatch.setattr(st, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["encode", str(images / "odd.png"), *_args(model_dir, tmp_path / "lat")])
+    assert not any((tmp_path / "lat").iterdir())  # nothing half-written, no temp left behind
+    monkeypatch.setattr(st, "save_file", real)
+    old = os.umask(0o022)
+    try:
+        assert main(["encode", str(images), *_args(model_dir, tmp_path / "lat")]) == 0
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "lat").rglob("*.safetensors"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p

@@ -1,7 +1,11 @@
 """Image subcommands of `sdvae`: compare, reconstruct, encode, decode.
 
-Bad inputs never stop a batch: each gets one error line naming it, the rest still run, and the
-exit code is non-zero with a summary. Existing outputs are kept unless --overwrite.
+Bad inputs never stop a batch: each gets one error line naming it (a corrupt file, a
+decompression bomb, an out-of-memory failure alike), the rest still run, and the exit code is
+non-zero with a summary. Outputs mirror the input tree and keep the input's full file name
+(`a.jpg` -> `a.jpg.png`), so `a.jpg` and `a.png` never collide; two inputs that would still
+write one output are refused. Existing outputs are kept unless --overwrite; every output is
+written to a temp file and renamed, so a killed run leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from tqdm import tqdm
 from sdvae.data.images import SkippedImage, load_rgb
 from sdvae.data.sources import IMAGE_SUFFIXES
 from sdvae.imagefiles import save_rows
+from sdvae.io import atomic_path
 
+DEFAULT_MAX_IMAGE_PIXELS = 200_000_000  # the same guard prepare applies (data.max_image_pixels)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,12 +46,12 @@ def _collect(inputs: list[str], suffixes: tuple[str, ...]) -> list[tuple[Path, P
     return found
 
 
-def _load_image(path: Path) -> torch.Tensor:
+def _load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """(1, 3, H, W) in [-1, 1]; any mode, EXIF-rotated; InputError if unusable."""
     if not path.is_file():
         raise InputError("no such file")
     try:
-        arr = load_rgb(path, min_size=1, max_pixels=400_000_000)
+        arr = load_rgb(path, min_size=1, max_pixels=max_pixels)
     except SkippedImage as exc:
         raise InputError(str(exc)) from exc
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
@@ -62,36 +68,71 @@ def _load_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return model, device
 
 
-def _run_each(items: list[tuple[Path, Path]], desc: str, fn) -> int:  # type: ignore[no-untyped-def]
+def output_name(rel: Path, suffix: str) -> Path:
+    """`sub/a.jpg` -> `sub/a.jpg.png`: the input's full name stays, so inputs differing only in
+    extension get distinct outputs; a latent's `.safetensors` is dropped again on decode."""
+    if rel.suffix.lower() == ".safetensors":
+        rel = rel.with_suffix("")
+    return rel.with_name(rel.name + suffix)
+
+
+def _claim_targets(items: list[tuple[Path, Path]], out: Path, suffix: str) -> list[tuple[Path, Path | None, str]]:
+    """(input, target, why not) per input; a target claimed by an earlier input is refused."""
+    owner: dict[Path, Path] = {}
+    planned: list[tuple[Path, Path | None, str]] = []
+    for path, rel in items:
+        target = out / output_name(rel, suffix)
+        if target in owner:
+            planned.append((path, None, f"would write {target}, which {owner[target]} writes in this run"))
+            continue
+        owner[target] = path
+        planned.append((path, target, ""))
+    return planned
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """One line for an unexpected failure; running out of memory says what to try."""
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        return "out of memory while processing this file (try a smaller --tile-size or --batch-size)"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
+def _run_each(items: list[tuple[Path, Path]], out: Path, suffix: str, desc: str, overwrite: bool, fn) -> int:  # type: ignore[no-untyped-def]
+    """Run `fn(input, target)` per input; any single failure (memory included) is reported, not fatal."""
     failed: list[str] = []
-    for path, rel in tqdm(items, desc=desc, unit="file", disable=len(items) < 2):
+    for path, target, refused in tqdm(
+        _claim_targets(items, out, suffix), desc=desc, unit="file", disable=len(items) < 2
+    ):
         try:
-            fn(path, rel)
+            if target is None:
+                raise InputError(refused)
+            if target.exists() and not overwrite:
+                raise InputError(f"output {target} exists (use --overwrite)")
+            fn(path, target)
         except InputError as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
+            failed.append(str(path))
+        except (MemoryError, RuntimeError, OSError, ValueError) as exc:  # e.g. the allocator giving up on one file
+            print(f"error: {path}: {_describe_failure(exc)}", file=sys.stderr)
             failed.append(str(path))
     done = len(items) - len(failed)
     print(f"{desc}: {done} done, {len(failed)} failed", file=sys.stderr)
     return 1 if failed or not items else 0
 
 
-def _target(out: Path, rel: Path, suffix: str, overwrite: bool) -> Path:
-    target = (out / rel).with_suffix(suffix)
-    if target.exists() and not overwrite:
-        raise InputError(f"output {target} exists (use --overwrite)")
-    return target
-
-
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     model, device = _load_model(args)
     out = Path(args.output)
 
-    def one(path: Path, rel: Path) -> None:
-        target = _target(out, rel, ".png", args.overwrite)
-        x = _load_image(path).to(device=device, dtype=DTYPES[args.dtype])
-        save_rows([model.reconstruct(x)], target)
+    def one(path: Path, target: Path) -> None:
+        x = _load_image(path, args.max_image_pixels).to(device=device, dtype=DTYPES[args.dtype])
+        with torch.no_grad():
+            y = model.reconstruct(x)
+        save_rows([y], target)
 
-    return _run_each(_collect(args.inputs, IMAGE_SUFFIXES), "reconstruct", one)
+    items = _collect(args.inputs, IMAGE_SUFFIXES)
+    return _run_each(items, out, ".png", "reconstruct", args.overwrite, one)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -102,9 +143,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model, device = _load_model(args)
     out = Path(args.output)
 
-    def one(path: Path, rel: Path) -> None:
-        target = _target(out, rel, ".safetensors", args.overwrite)
-        x = _load_image(path).to(device=device, dtype=DTYPES[args.dtype])
+    def one(path: Path, target: Path) -> None:
+        x = _load_image(path, args.max_image_pixels).to(device=device, dtype=DTYPES[args.dtype])
         h, w = x.shape[-2:]
         with torch.no_grad():
             latent = model.encode_to_latent(pad_to_multiple(x, model.downsample_factor))
@@ -116,10 +156,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
             "downsample_factor": str(model.downsample_factor),
             "source": path.name,
         }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latent": latent[0].float().cpu().contiguous()}, str(target), metadata=meta)
+        with atomic_path(target) as tmp:
+            save_file({"latent": latent[0].float().cpu().contiguous()}, str(tmp), metadata=meta)
 
-    return _run_each(_collect(args.inputs, IMAGE_SUFFIXES), "encode", one)
+    items = _collect(args.inputs, IMAGE_SUFFIXES)
+    return _run_each(items, out, ".safetensors", "encode", args.overwrite, one)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -128,8 +169,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     model, device = _load_model(args)
     out = Path(args.output)
 
-    def one(path: Path, rel: Path) -> None:
-        target = _target(out, rel, ".png", args.overwrite)
+    def one(path: Path, target: Path) -> None:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
@@ -145,7 +185,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         h, w = int(meta.get("height", x.shape[-2])), int(meta.get("width", x.shape[-1]))
         save_rows([x[..., :h, :w]], target)
 
-    return _run_each(_collect(args.inputs, (".safetensors",)), "decode", one)
+    return _run_each(_collect(args.inputs, (".safetensors",)), out, ".png", "decode", args.overwrite, one)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -154,7 +194,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from sdvae.metrics import build_lpips
 
     try:
-        a, b = _load_image(Path(args.a)), _load_image(Path(args.b))
+        a, b = _load_image(Path(args.a), args.max_image_pixels), _load_image(Path(args.b), args.max_image_pixels)
     except InputError as exc:
         print(f"sdvae compare: {exc}", file=sys.stderr)
         return 2
@@ -188,12 +228,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, default=512, help="tile images with a side above this (0 = never)")
     p.add_argument("--batch-size", type=int, default=4, help="largest batch sent through the model at once")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _guard_arg(p)
+
+
+def _guard_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse larger images as decompression bombs (default {DEFAULT_MAX_IMAGE_PIXELS:,})",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("compare", help="LPIPS, PSNR and SSIM between two images of the same size (JSON)")
     p.add_argument("a")
     p.add_argument("b")
+    _guard_arg(p)
     p.set_defaults(func=cmd_compare)
     for name, func, what in (
         ("reconstruct", cmd_reconstruct, "images (files or folders) -> reconstructed PNGs"),

@@ -119,6 +119,8 @@ class TrainConfig:
     num_workers: int = num(0, ge=0)
     val_images: int = num(16, ge=1)
     seed: int = num(0, ge=0)
+    compile: bool = False  # torch.compile the encoder, decoder trunk, discriminator and LPIPS
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 @dataclass(frozen=True)
@@ -304,8 +306,36 @@ def _cross_check(obj: Any, path: str) -> None:
         raise ConfigError(f"{path}.block_out_channels: expected positive ints, got {list(obj.block_out_channels)}")
 
 
+def _downsample_factor(model: ModelConfig) -> int:
+    from sdvae.models.autoencoder_kl import PRESETS  # the presets' geometry has one home
+
+    channels = model.block_out_channels or PRESETS[model.preset].block_out_channels
+    return 2 ** (len(channels) - 1)
+
+
+def _check_sources(data: DataConfig) -> None:
+    from sdvae.data.sources import SourceError, parse_source
+
+    for key in ("train_source", "eval_source"):
+        try:
+            parse_source(getattr(data, key))
+        except SourceError as exc:
+            raise ConfigError(f"data.{key}: {exc}") from exc
+
+
 def _check_config(cfg: Config) -> None:
     """Constraints across sections."""
+    _check_sources(cfg.data)
+    if cfg.train.init_from is None:  # with init_from the architecture comes from that folder
+        factor = _downsample_factor(cfg.model)
+        for key in ("train.resolution", "eval.resolution"):
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if value % factor:
+                raise ConfigError(
+                    f"{key}: expected a multiple of the model's downsampling factor {factor} "
+                    f"(model.preset {cfg.model.preset!r}), got {value}"
+                )
     lo, _ = cfg.data.train_short_side
     if lo < cfg.train.resolution:
         raise ConfigError(

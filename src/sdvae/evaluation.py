@@ -29,6 +29,12 @@ class ReconstructionMetrics(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, xrec: torch.Tensor) -> None:
+        """Accumulate one batch, always in fp32: under a caller's bf16 autocast SSIM's variance terms
+        cancel catastrophically (0.56 instead of 0.72 on the same pairs) and LPIPS is bf16-rounded."""
+        with torch.autocast(x.device.type, enabled=False):
+            self._update_fp32(x, xrec)
+
+    def _update_fp32(self, x: torch.Tensor, xrec: torch.Tensor) -> None:
         x, xrec = x.float().clamp(-1, 1), xrec.float().clamp(-1, 1)
         a, b = (x + 1) / 2, (xrec + 1) / 2
         self.psnr.update(b, a)
@@ -57,6 +63,22 @@ class ReconstructionMetrics(nn.Module):
             enough = int(self.fid.real_features_num_samples) >= 2 and int(self.fid.fake_features_num_samples) >= 2
             out["rfid"] = float(self.fid.compute()) if enough else None
         return out
+
+
+LOWER_IS_BETTER = ("lpips", "rfid")
+HIGHER_IS_BETTER = ("psnr", "ssim")
+
+
+def beats_baseline(model: dict[str, float | None], baseline: dict[str, float | None]) -> dict[str, bool | None]:
+    """One flag per metric: does the model score better than the baseline (None where undefined)."""
+    flags: dict[str, bool | None] = {}
+    for key in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER):
+        a, b = model.get(key), baseline.get(key)
+        if a is None or b is None:
+            flags[key] = None
+        else:
+            flags[key] = a < b if key in LOWER_IS_BETTER else a > b
+    return flags
 
 
 def evaluate_with_baseline(

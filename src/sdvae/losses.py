@@ -32,17 +32,58 @@ def vanilla_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 def adaptive_gan_weight(
     nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float
 ) -> torch.Tensor:
-    """||grad nll|| / (||grad gan|| + 1e-4) at the decoder's last layer: balances the two terms."""
+    """||grad nll|| / (||grad gan|| + 1e-4) at the decoder's last layer: balances the two terms.
+
+    The reference formulation (LDM, diffusers' example trainer): each `autograd.grad` back-propagates
+    through LPIPS or the discriminator, and the full backward afterwards does both again.
+    `one_backward_gan_surrogate` gives the same gradients with each network back-propagated once.
+    """
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return _ratio(nll_grad, g_grad, max_weight)
+
+
+def _ratio(nll_grad: torch.Tensor, g_grad: torch.Tensor, max_weight: float) -> torch.Tensor:
     weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 
 
+def one_backward_gan_surrogate(
+    nll: torch.Tensor,
+    g_loss: torch.Tensor,
+    xrec: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float,
+    gan_scale: float,
+    nll_params: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surrogate, adaptive weight): `surrogate.backward()` fills every gradient that
+    `(nll + w * gan_scale * g_loss).backward()` would, w being the reference adaptive weight.
+
+    How: the gradients of the NLL and of the GAN loss are taken once, with respect to the
+    reconstruction (one pass through LPIPS, one through the discriminator). `xrec` is the output
+    of the decoder's last conv, so each last-layer weight gradient follows from that conv's
+    input and the output gradient alone (`autograd.grad` of `xrec` runs only that conv's weight
+    backward). Then a single backward through decoder and encoder with the combined gradient.
+    `nll_params` are leaves the NLL reaches other than through `xrec` (the learnable logvar).
+    """
+    g_nll, *g_params = torch.autograd.grad(nll, [xrec, *nll_params])
+    (g_gan,) = torch.autograd.grad(g_loss, [xrec])
+    (w_nll,) = torch.autograd.grad(xrec, [last_layer], grad_outputs=g_nll, retain_graph=True)
+    (w_gan,) = torch.autograd.grad(xrec, [last_layer], grad_outputs=g_gan, retain_graph=True)
+    weight = _ratio(w_nll, w_gan, max_weight)
+    grad_xrec = (g_nll.float() + (weight * gan_scale) * g_gan.float()).to(xrec.dtype)
+    surrogate = (xrec * grad_xrec).sum()
+    for param, grad in zip(nll_params, g_params, strict=True):
+        surrogate = surrogate + (param * grad).sum()
+    return surrogate, weight
+
+
 @dataclass
 class GeneratorTerms:
-    loss: torch.Tensor
+    loss: torch.Tensor  # the objective's value (for logging and the finite check)
     logs: dict[str, torch.Tensor]
+    backward: torch.Tensor  # what to differentiate: the loss itself, or a surrogate with its gradients
 
 
 class VAEGANLoss(nn.Module):
@@ -89,17 +130,25 @@ class VAEGANLoss(nn.Module):
             "kl_loss": kl.detach(),
             "logvar": self.logvar.detach(),
         }
+        backward = loss
         if logits_fake is not None:
             g_loss = -logits_fake.float().mean()
+            gan_scale = self.cfg.disc_weight * self.cfg.disc_factor
             if last_layer is not None and self.training:
-                d_weight = adaptive_gan_weight(nll, g_loss, last_layer, self.cfg.adaptive_weight_max)
+                nll_params = [self.logvar] if self.logvar.requires_grad else []
+                surrogate, d_weight = one_backward_gan_surrogate(
+                    nll, g_loss, xrec, last_layer, self.cfg.adaptive_weight_max, gan_scale, nll_params
+                )
+                backward = surrogate + self.cfg.kl_weight * kl
+                loss = loss.detach() + d_weight * gan_scale * g_loss.detach()
             else:
                 d_weight = torch.ones((), device=x.device)
+                loss = loss + d_weight * gan_scale * g_loss
+                backward = loss
             d_weight = d_weight * self.cfg.disc_weight
-            loss = loss + d_weight * self.cfg.disc_factor * g_loss
             logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
         logs["total_loss"] = loss.detach()
-        return GeneratorTerms(loss, logs)
+        return GeneratorTerms(loss, logs, backward)
 
     def discriminator(
         self, logits_real: torch.Tensor, logits_fake: torch.Tensor

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# One rule everywhere (download, prepare, the CLI): these are images; a multi-frame file
+# (animated GIF or WebP, multi-page TIFF) contributes its first frame.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 class SourceError(RuntimeError):
@@ -102,7 +104,16 @@ def parse_source(spec: str) -> tuple[str, str]:
         raise SourceError(f"data source {spec!r}: expected one of {allowed}")
     if kind == "builtin" and rest not in (*BUILTIN_DEBIAN, "skimage"):
         raise SourceError(f"data source {spec!r}: unknown built-in set; expected one of {allowed}")
+    if kind == "hf" and not rest.partition(":")[0].strip():
+        raise SourceError(f"data source {spec!r}: no dataset name; expected hf:<dataset>[:split]")
     return kind, rest
+
+
+def check_available(spec: str) -> None:
+    """Fail before any work when a local source is missing (remote ones are checked when read)."""
+    kind, rest = parse_source(spec)
+    if kind == "folder" and not Path(rest).expanduser().is_dir():
+        raise SourceError(f"folder source {rest}: no such directory")
 
 
 def content_hash(data: bytes) -> str:

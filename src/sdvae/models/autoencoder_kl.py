@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,19 +143,6 @@ class AutoencoderKL(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
         return cls(PRESETS[name], **overrides)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> AutoencoderKL:
-        """Load a diffusers folder (config.json + safetensors) or an LDM checkpoint file."""
-        from sdvae.formats import load_any
-
-        return load_any(path, **kwargs)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write a diffusers folder atomically (config.json + diffusion_pytorch_model.safetensors)."""
-        from sdvae.formats.diffusers import save_diffusers
-
-        save_diffusers(self, path)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         for m in self.modules():

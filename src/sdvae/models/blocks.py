@@ -194,8 +194,13 @@ class Decoder(nn.Module):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Everything before `conv_out`. Kept apart so `conv_out`, whose weight the adaptive GAN
+        weight differentiates, can stay outside a compiled region (see sdvae.training.compiling)."""
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_act(self.conv_norm_out(x))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.trunk(z))

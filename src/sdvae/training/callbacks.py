@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import lightning as L
@@ -11,12 +10,20 @@ import torch
 
 from sdvae.imagefiles import save_rows
 from sdvae.io import atomic_path, write_json
+from sdvae.training.checkpoints import publish_checkpoint
 
 
-def save_grid(inputs: torch.Tensor, recons: torch.Tensor, path: Path, max_images: int = 8) -> Path:
-    """Two rows, input above reconstruction, each image in [-1, 1]; written as PNG."""
+def save_grid(
+    inputs: torch.Tensor,
+    recons: torch.Tensor,
+    path: Path,
+    max_images: int = 8,
+    model_label: str = "model",
+    caption: str | None = None,
+) -> Path:
+    """Two labelled rows, input above reconstruction, each image in [-1, 1]; written as PNG."""
     n = min(max_images, inputs.shape[0])
-    return save_rows([inputs[:n].cpu(), recons[:n].cpu()], path)
+    return save_rows([inputs[:n].cpu(), recons[:n].cpu()], path, labels=["input", model_label], caption=caption)
 
 
 class AtomicLastCheckpoint(L.Callback):
@@ -30,7 +37,7 @@ class AtomicLastCheckpoint(L.Callback):
         # weights_only=False: keep optimizer, scheduler and loop state so a resume is exact.
         trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank calls, rank 0 writes
         if trainer.is_global_zero:
-            os.replace(tmp, self.dirpath / "last.ckpt")
+            publish_checkpoint(tmp, self.dirpath)
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
@@ -47,11 +54,23 @@ class ValidationGrid(L.Callback):
     def __init__(self, outdir: str | Path, max_images: int = 8) -> None:
         self.outdir, self.max_images = Path(outdir), max_images
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_validation_end: after the module's epoch end has computed the scores the caption shows
         grid = getattr(pl_module, "val_grid", None)
         if grid is None or not trainer.is_global_zero:
             return
-        path = save_grid(*grid, self.outdir / f"val_step{pl_module.windows:06d}.png", self.max_images)
+        scores = getattr(pl_module, "val_scores", {})
+        caption = f"validation at step {pl_module.windows}/{pl_module.cfg.train.max_steps}"
+        shown = [f"{k.upper()} {scores[f'val/{k}']:.3f}" for k in ("lpips", "psnr", "ssim") if f"val/{k}" in scores]
+        caption = " | ".join([caption, *shown])
+        label = "model (EMA)" if getattr(pl_module, "ema", None) is not None else "model"
+        path = save_grid(
+            *grid,
+            self.outdir / f"val_step{pl_module.windows:06d}.png",
+            self.max_images,
+            model_label=label,
+            caption=caption,
+        )
         logger = trainer.logger
         if logger is not None and hasattr(logger, "run_id"):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="grids")

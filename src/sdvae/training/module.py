@@ -22,6 +22,7 @@ from sdvae.evaluation import ReconstructionMetrics
 from sdvae.losses import VAEGANLoss
 from sdvae.models.autoencoder_kl import AutoencoderKL
 from sdvae.models.discriminator import NLayerDiscriminator
+from sdvae.training.compiling import compile_for_training
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -64,6 +65,8 @@ class VAEGANModule(L.LightningModule):
                 autoencoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
             )
             self.ema.requires_grad_(False)
+        if cfg.train.compile:  # after the EMA copy, which stays eager
+            compile_for_training(autoencoder, self.discriminator, self.loss.perceptual, cfg.train.compile_mode)
         if cfg.train.decoder_only:
             for m in (autoencoder.encoder, autoencoder.quant_conv):
                 if m is not None:
@@ -119,6 +122,9 @@ class VAEGANModule(L.LightningModule):
     # -- training --------------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         t = self.cfg.train
+        if self.windows >= t.max_steps:  # resumed from a checkpoint written at the last window
+            self.trainer.should_stop = True
+            return
         k = t.accumulate_grad_batches
         opt_g, opt_d = self.optimizers()
         sch_g, sch_d = self.lr_schedulers()
@@ -134,8 +140,8 @@ class VAEGANModule(L.LightningModule):
             last = self.autoencoder.decoder.conv_out.weight
             terms = self.loss.generator(batch, xrec, posterior, logits_fake, last if use_gan else None)
             logs.update(terms.logs)
-            if torch.isfinite(terms.loss):
-                self.manual_backward(terms.loss / k)
+            if torch.isfinite(terms.loss) and torch.isfinite(terms.backward):
+                self.manual_backward(terms.backward / k)
             else:
                 bad += 1
         else:
@@ -237,7 +243,8 @@ class VAEGANModule(L.LightningModule):
             self.val_grid = (batch.detach().cpu(), xrec.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
-        values = {f"val/{k}": float(v) for k, v in self.val_metrics.compute().items()}
+        values = {f"val/{k}": float(v) for k, v in self.val_metrics.compute().items() if v is not None}
+        self.val_scores = values
         if self.logger is not None:
             self.logger.log_metrics(values, step=self.windows)
         self.history.append({"step": self.windows, **values})

@@ -21,7 +21,9 @@ from sdvae.io import write_json
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder
 from sdvae.training.callbacks import AtomicLastCheckpoint, ValidationGrid, write_final_metrics, write_history
+from sdvae.training.checkpoints import resumable_checkpoint
 from sdvae.training.module import VAEGANModule
+from sdvae.training.progress import StepProgressBar
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def run_fingerprint(cfg: Config, paths: TrainPaths) -> str:
 
 def _resume_state(cfg: Config, paths: TrainPaths) -> tuple[Path | None, str | None]:
     """(checkpoint to resume, MLflow run id to continue); stale checkpoints of other params are removed."""
-    ckpt, meta_file = paths.checkpoints / "last.ckpt", paths.checkpoints / "run.json"
+    meta_file = paths.checkpoints / "run.json"
     fingerprint = run_fingerprint(cfg, paths)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if meta.get("fingerprint") != fingerprint:
@@ -59,7 +61,7 @@ def _resume_state(cfg: Config, paths: TrainPaths) -> tuple[Path | None, str | No
             print(f"checkpoints in {paths.checkpoints} belong to other params or data: starting afresh")
             shutil.rmtree(paths.checkpoints)
         return None, None
-    return (ckpt if ckpt.is_file() else None), meta.get("run_id")
+    return resumable_checkpoint(paths.checkpoints), meta.get("run_id")
 
 
 def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
@@ -113,6 +115,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     callbacks = [
         AtomicLastCheckpoint(paths.checkpoints, cfg.train.checkpoint_every),
         ValidationGrid(paths.grids, cfg.eval.grid_images),
+        StepProgressBar(),
     ]
     trainer = build_trainer(cfg, logger, callbacks)
     if trainer.is_global_zero:

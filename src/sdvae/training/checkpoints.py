@@ -1,0 +1,76 @@
+"""Checkpoints that survive a kill or a damaged disk: `last.ckpt` plus the previous good `prev.ckpt`.
+
+Each is renamed into place only when complete (fsynced) and gets a sidecar with its size and
+sha256. Before resuming, the sidecar is checked: a truncated or altered `last.ckpt` is passed
+over with a warning for `prev.ckpt`, and with neither usable the run starts afresh instead of
+failing on every re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from sdvae.io import fsync_dir, publish_modes, write_json
+
+LAST = "last.ckpt"
+PREV = "prev.ckpt"
+
+
+def _sidecar(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name + ".sha256.json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path, check_hash: bool = True) -> str | None:
+    """None when `path` is whole and unchanged since it was written; otherwise what is wrong."""
+    if not path.is_file():
+        return "missing"
+    try:
+        meta = json.loads(_sidecar(path).read_text())
+        size, sha = int(meta["bytes"]), str(meta["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no valid checksum record (an interrupted save?)"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"{actual} bytes on disk, {size} written (truncated or damaged)"
+    if check_hash and file_sha256(path) != sha:
+        return "sha256 differs from the one recorded when it was written (damaged)"
+    return None
+
+
+def publish_checkpoint(tmp: Path, directory: Path) -> Path:
+    """Make a fully written temp checkpoint `last.ckpt`; the previous good one becomes `prev.ckpt`."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    publish_modes(tmp)
+    record = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+    last, prev = directory / LAST, directory / PREV
+    if checkpoint_problem(last, check_hash=False) is None:
+        os.replace(last, prev)
+        os.replace(_sidecar(last), _sidecar(prev))
+    os.replace(tmp, last)  # a kill before the sidecar lands leaves last.ckpt unverified: prev.ckpt is used
+    write_json(_sidecar(last), record)
+    fsync_dir(directory)
+    return last
+
+
+def resumable_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint that verifies, warning about each one passed over."""
+    for candidate in (directory / LAST, directory / PREV):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        if candidate.exists():
+            print(f"warning: not resuming from {candidate}: {problem}", file=sys.stderr)
+    return None

@@ -1,0 +1,89 @@
+"""The adaptive GAN weight with one backward equals the reference two-pass formulation."""
+
+import pytest
+import torch
+
+from sdvae.config import LossConfig
+from sdvae.losses import VAEGANLoss, adaptive_gan_weight
+from sdvae.models import AutoencoderKL, NLayerDiscriminator
+from tests.conftest import to_tensor
+from tests.tolerances import assert_fp32_close
+
+
+def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
+@pytest.mark.parametrize("learn_logvar", [False, True])
+def test_one_backward_matches_reference_gradients(lpips_net, photos, learn_logvar):
+    torch.manual_seed(0)
+    ae = AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8).train()
+    disc = NLayerDiscriminator(3, 8, 2, "group").requires_grad_(False)
+    loss_fn = VAEGANLoss(LossConfig(learn_logvar=True, logvar_init=0.3, disc_weight=0.7), lpips_net)
+    assert loss_fn.training and not lpips_net.training  # LPIPS stays in eval mode (no dropout)
+    loss_fn.logvar.requires_grad_(learn_logvar)
+    params = [*ae.parameters(), *([loss_fn.logvar] if learn_logvar else [])]
+    x = torch.cat([to_tensor(p, 32) for p in photos[:2]])
+    last = ae.decoder.conv_out.weight
+
+    def forward():  # the same posterior noise both times
+        xrec, post = ae(x, generator=torch.Generator().manual_seed(1))
+        return xrec, post
+
+    # reference: LDM's formulation, two autograd.grad passes then the full backward
+    xrec, post = forward()
+    rec, _, _ = loss_fn.reconstruction(x, xrec)
+    nll = (rec / torch.exp(loss_fn.logvar) + loss_fn.logvar).sum() / x.shape[0]
+    kl = post.kl().sum() / x.shape[0]
+    g_loss = -disc(xrec).mean()
+    weight = adaptive_gan_weight(nll, g_loss, last, 1e4)
+    total = nll + 1e-6 * kl + weight * 0.7 * g_loss
+    total.backward()
+    ref = _grads(params)
+
+    xrec, post = forward()
+    terms = loss_fn.generator(x, xrec, post, disc(xrec), last)
+    terms.backward.backward()
+    ours = _grads(params)
+
+    assert float(terms.logs["d_weight"]) == pytest.approx(float(weight) * 0.7, rel=1e-4)
+    assert float(terms.loss) == pytest.approx(float(total), rel=1e-5)
+    assert float(weight) > 0 and any(float(g.abs().max()) > 0 for g in ref)
+    floor = 1e-3 * max(float(g.abs().max()) for g in ref)
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        assert_fp32_close(a, b, f"gradient {i}", scale_floor=floor)
+
+
+@pytest.mark.slow
+def test_compiled_networks_give_eager_gradients(lpips_net, photos):
+    """Every kernel-changing option is checked against fp32 eager before it may be a default:
+    train.compile's gradients (encoder, decoder trunk, discriminator, LPIPS all compiled) match
+    eager ones within the fp32 tolerance of tests/tolerances.py."""
+    import copy
+
+    from sdvae.training.compiling import compile_for_training
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8).train()
+    disc = NLayerDiscriminator(3, 8, 2, "group")
+    x = torch.cat([to_tensor(p, 32) for p in photos[:2]])
+    grads = []
+    for compiled in (False, True):
+        ae_i, disc_i, lp_i = copy.deepcopy(ae), copy.deepcopy(disc), copy.deepcopy(lpips_net)
+        if compiled:
+            compile_for_training(ae_i, disc_i, lp_i, "default")
+        loss_fn = VAEGANLoss(LossConfig(), lp_i)
+        disc_i.requires_grad_(False)
+        xrec, post = ae_i(x, generator=torch.Generator().manual_seed(1))
+        terms = loss_fn.generator(x, xrec, post, disc_i(xrec), ae_i.decoder.conv_out.weight)
+        terms.backward.backward()
+        disc_i.requires_grad_(True)
+        d_loss, _ = loss_fn.discriminator(disc_i(x), disc_i(xrec.detach()))
+        d_loss.backward()
+        grads.append([p.grad for p in (*ae_i.parameters(), *disc_i.parameters())])
+    floor = 1e-3 * max(float(g.abs().max()) for g in grads[0])
+    for i, (a, b) in enumerate(zip(grads[1], grads[0], strict=True)):
+        assert_fp32_close(a, b, f"compiled gradient {i}", scale_floor=floor)

@@ -1,10 +1,12 @@
 """Benchmarks, each a ratio against a reference measured in the same run on the same machine.
 
-Rows: training step (ours vs the same step on diffusers.AutoencoderKL), encode/decode at 256 px
-(ours vs diffusers), shard loader vs JPEG decoding, peak memory of a training step, and what
-channels_last gives. Writes metrics/bench.json.
+CPU rows (`cpu` in metrics/bench.json): the training step with every speed option against
+diffusers.AutoencoderKL (bench/train_step.py), before and after the GAN starts; encode/decode
+at 256 px; shard loader vs JPEG decoding; peak memory of a training step. GPU rows (`gpu`,
+`--device cuda`): the SD f8c4 step at 256 px in bf16 with each option and its MFU from counted
+FLOPs. A run replaces only its own device's rows.
 
-    python bench/run.py [--quick] [--out metrics/bench.json]
+    python bench/run.py [--device cpu|cuda] [--quick] [--out metrics/bench.json]
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from train_step import bench_train_step, build_variants, counted_flops, twin_models
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,84 +41,8 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def tiny_models():  # type: ignore[no-untyped-def]
-    """Ours and diffusers' AutoencoderKL with identical config and identical weights."""
-    import diffusers
-
-    from sdvae.models import AutoencoderKL
-
-    torch.manual_seed(0)
-    ours = AutoencoderKL.from_preset("tiny")
-    c = ours.config
-    theirs = diffusers.AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * len(c.block_out_channels),
-        up_block_types=["UpDecoderBlock2D"] * len(c.block_out_channels),
-        block_out_channels=c.block_out_channels,
-        layers_per_block=c.layers_per_block,
-        latent_channels=c.latent_channels,
-        norm_num_groups=c.norm_num_groups,
-    )
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
-
-
-def make_train_step(ae: torch.nn.Module, is_diffusers: bool, lpips_net: torch.nn.Module, batch: torch.Tensor):
-    """Generator forward+backward with L1 + LPIPS + GAN loss, discriminator step, both optimizers."""
-    from sdvae.models import NLayerDiscriminator
-
-    disc = NLayerDiscriminator(3, 32, 3, "group")
-    opt_g = torch.optim.AdamW(ae.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
-
-    def step() -> None:
-        if is_diffusers:
-            post = ae.encode(batch).latent_dist
-            rec = ae.decode(post.sample()).sample
-        else:
-            rec, post = ae(batch)
-        disc.requires_grad_(False)
-        loss = (batch - rec).abs().mean() + lpips_net(batch, rec).mean() - disc(rec).mean() + 1e-6 * post.kl().mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        disc.requires_grad_(True)
-        d_loss = torch.relu(1 - disc(batch)).mean() + torch.relu(1 + disc(rec.detach())).mean()
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-
-    return step
-
-
-def bench_train(batch_size: int, res: int, repeats: int) -> dict:
-    from sdvae.metrics import build_lpips
-
-    lpips_net = build_lpips()
-    ours, theirs = tiny_models()
-    x = torch.rand(batch_size, 3, res, res) * 2 - 1
-    steps = {
-        "ours": make_train_step(ours, False, lpips_net, x),
-        "diffusers": make_train_step(theirs, True, lpips_net, x),
-    }
-    t = {k: [] for k in steps}
-    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
-        for k, fn in steps.items():
-            t[k].append(timed(fn, 1, warmup=0))
-    for k in steps:
-        t[k] = statistics.median(t[k][1:] or t[k])
-    out = {f"{k}_images_per_s": batch_size / v for k, v in t.items()}
-    out["ratio_ours_over_diffusers"] = t["diffusers"] / t["ours"]
-    ours_cl = ours.to(memory_format=torch.channels_last)
-    xcl = x.contiguous(memory_format=torch.channels_last)
-    cl = timed(make_train_step(ours_cl, False, lpips_net, xcl), repeats)
-    out["ours_channels_last_images_per_s"] = batch_size / cl
-    out["channels_last_ratio_over_ours"] = t["ours"] / cl
-    out.update(batch=batch_size, resolution=res, preset="tiny")
-    return out
-
-
 def bench_codec(batch_size: int, res: int, repeats: int) -> dict:
-    ours, theirs = tiny_models()
+    ours, theirs = twin_models("tiny")
     ours.eval()
     theirs.eval()
     x = torch.rand(batch_size, 3, res, res) * 2 - 1
@@ -172,15 +100,16 @@ def bench_loader(raw_dir: Path, res: int, train_images_per_s: float, tmp: Path) 
 _MEM = """
 import sys, torch
 sys.path.insert(0, {bench!r})
-from run import make_train_step, tiny_models
+from train_step import make_step, twin_models
 from sdvae.metrics import build_lpips
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-lp = build_lpips(); ours, theirs = tiny_models()
+lp = build_lpips(); ours, theirs = twin_models("tiny")
 x = torch.rand({b}, 3, {r}, {r}) * 2 - 1
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak: ru_maxrss would carry the parent's
 base = hwm()
-step = make_train_step(ours if sys.argv[1] == "ours" else theirs, sys.argv[1] != "ours", lp, x)
+ours_run = sys.argv[1] == "ours"
+step, _ = make_step(ours if ours_run else theirs, not ours_run, lp, x, one_backward=ours_run)
 for _ in range(3):
     step()
 print(hwm(), base)
@@ -207,36 +136,85 @@ def bench_memory(batch_size: int, res: int) -> dict:
     return out
 
 
+H100_DENSE_BF16_FLOPS = 989e12  # NVIDIA's dense BF16 tensor-core peak for the H100 SXM
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def cpu_rows(repeats: int, raw: Path, lpips_net: torch.nn.Module) -> dict:
+    """Tiny preset, fp32, 64 px, batch 8: every option of the step, then codec, loader and memory."""
+    import tempfile
+
+    cpu = torch.device("cpu")
+    rows: dict = {"machine": machine(), "command": "python bench/run.py"}
+    rows["train_step"] = bench_train_step("tiny", lpips_net, 8, 64, repeats, cpu)
+    rows["train_step_before_gan"] = bench_train_step(
+        "tiny",
+        lpips_net,
+        8,
+        64,
+        repeats,
+        cpu,
+        variants=("diffusers", "ours_reference", "ours_compiled", "diffusers_compiled"),
+        gan=False,
+    )
+    rows["codec_256"] = bench_codec(2, 256, repeats)
+    if (raw / "images").is_dir():
+        ours_rate = rows["train_step"][f"{rows['train_step']['best_option']}_images_per_s"]
+        with tempfile.TemporaryDirectory() as tmp:
+            rows["loader"] = bench_loader(raw, 64, ours_rate, Path(tmp) / "c")
+    rows["memory"] = bench_memory(8, 64)
+    return rows
+
+
+def gpu_rows(repeats: int, lpips_net: torch.nn.Module) -> dict:
+    """SD f8c4, 256 px, bf16 autocast, batch 8: every option of the step, with MFU from counted FLOPs."""
+    cuda = torch.device("cuda")
+    rows: dict = {"machine": machine(), "command": "python bench/run.py --device cuda"}
+    step_rows = bench_train_step("sd-f8c4", lpips_net, 8, 256, repeats, cuda, torch.bfloat16)
+    batch = (torch.rand(8, 3, 256, 256) * 2 - 1).to(cuda)
+    flops = {}
+    for name in ("diffusers", "ours_one_backward"):  # compiled variants run the same math
+        steps = build_variants("sd-f8c4", lpips_net, batch, (name,), True, torch.bfloat16)
+        flops[name] = counted_flops(steps[name])
+    step_rows["flops_per_image"] = {k: v / 8 for k, v in flops.items()}
+    for name in ("diffusers", "ours_reference", "diffusers_compiled", "ours_one_backward", "ours_compiled"):
+        algo = "diffusers" if name in ("diffusers", "ours_reference", "diffusers_compiled") else "ours_one_backward"
+        rate = step_rows[f"{name}_images_per_s"]
+        step_rows[f"{name}_mfu"] = rate * flops[algo] / 8 / H100_DENSE_BF16_FLOPS
+    rows["train_step"] = step_rows
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "metrics/bench.json"))
     parser.add_argument("--raw", default=str(ROOT / "data/raw/eval"), help="folder with images/ for the loader row")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
-    torch.manual_seed(0)
-    import tempfile
+    from sdvae.metrics import build_lpips
 
-    result: dict = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        "command": "python bench/run.py",
-    }
-    result["train_step"] = bench_train(8, 64, repeats)
-    result["codec_256"] = bench_codec(2, 256, repeats)
-    raw = Path(args.raw)
-    if (raw / "images").is_dir():
-        with tempfile.TemporaryDirectory() as tmp:
-            result["loader"] = bench_loader(raw, 64, result["train_step"]["ours_images_per_s"], Path(tmp) / "c")
-    result["memory"] = bench_memory(8, 64)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    lpips_net = build_lpips()
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result = {k: v for k, v in result.items() if k in ("cpu", "gpu", "convergence")}  # rows of other devices stay
+    if args.device == "cuda":
+        result["gpu"] = gpu_rows(repeats, lpips_net)
+    else:
+        result["cpu"] = cpu_rows(repeats, Path(args.raw), lpips_net)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from sdvae.baseline import bicubic_roundtrip
 from sdvae.config import ModelConfig
-from sdvae.data.datamodule import ShardDataset, to_model_range
+from sdvae.data.datamodule import EvalImages, TrainImages, read_manifest, to_model_range
 from sdvae.evaluation import ReconstructionMetrics
 from sdvae.io import write_json
 from sdvae.models.factory import build_autoencoder
@@ -49,10 +49,14 @@ def reconstruct_fn(model: nn.Module):  # type: ignore[no-untyped-def]
 
 
 def fit(model: nn.Module, train: Path, steps: int, lr: float, batch: int, seed: int) -> float:
-    """L1 training with the pipeline's optimizer settings; returns seconds."""
+    """L1 training with the pipeline's optimizer settings; returns seconds. The same seed gives
+    the same batches and the same fresh crops (64 px, short side 64-192 as in params.yaml)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ShardDataset(train), batch_size=batch, shuffle=True, drop_last=True, generator=gen)
+    torch.manual_seed(seed)
+    images = TrainImages(train, 64, (64, 192), shuffle=False)
+    subset = Subset(images, range(read_manifest(train)["count"]))
+    loader = DataLoader(subset, batch_size=batch, shuffle=True, drop_last=True, generator=gen)
     rec = reconstruct_fn(model)
     done, start = 0, time.perf_counter()
     while done < steps:
@@ -72,7 +76,8 @@ def fit(model: nn.Module, train: Path, steps: int, lr: float, batch: int, seed: 
 @torch.no_grad()
 def score(fn, eval_dir: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
     metrics = ReconstructionMetrics(None)
-    for b in DataLoader(ShardDataset(eval_dir), batch_size=8):
+    images = EvalImages(eval_dir)
+    for b in DataLoader(Subset(images, range(images.manifest["count"])), batch_size=8):
         x = to_model_range(b)
         metrics.update(x, fn(x).clamp(-1, 1))
     return {k: round(v, 4) for k, v in metrics.compute().items() if v is not None}

@@ -66,34 +66,35 @@ def bench_codec(batch_size: int, res: int, repeats: int) -> dict:
 
 
 def bench_loader(raw_dir: Path, res: int, train_images_per_s: float, tmp: Path) -> dict:
-    """Reading the shard cache vs decoding + resizing the same JPEG/PNG files each time."""
-    import numpy as np
+    """The train cache's loader in one process: decode + fresh random crop + flip per sample,
+    against decoding and cropping the source files directly, and against the step's consumption."""
+    from torch.utils.data import Subset
 
-    from sdvae.data.datamodule import ShardDataset
-    from sdvae.data.images import center_crop, load_rgb, resize_short_side
+    from sdvae.data.datamodule import TrainImages, random_crop
+    from sdvae.data.images import load_rgb
     from sdvae.data.prepare import PrepareSpec, prepare_split
 
-    prepare_split(raw_dir, tmp, PrepareSpec("eval", res, 16, 10**9, 1024))
+    manifest = prepare_split(raw_dir, tmp, PrepareSpec("train", res, 16, 10**9, max_short_side=192))
     files = sorted(p for p in (raw_dir / "images").iterdir() if p.is_file())
-    ds = ShardDataset(tmp, hflip=True)
+    images = Subset(TrainImages(tmp, res, (res, 192), shuffle=False), range(manifest["count"]))
 
     def decode_all() -> None:
         for f in files:
-            np.ascontiguousarray(center_crop(resize_short_side(load_rgb(f, 16, 10**9), res), res))
+            random_crop(load_rgb(f, 16, 10**9), res, (res, 192))
 
-    def shards_all() -> None:
-        for i in range(len(ds)):
-            ds[i]
+    def cache_all() -> None:
+        for i in range(len(images)):
+            images[i]
 
-    t_dec, t_shard = timed(decode_all, 3), timed(shards_all, 20)
-    shard_rate = len(ds) / t_shard
+    t_dec, t_cache = timed(decode_all, 3), timed(cache_all, 5)
+    cache_rate = len(images) / t_cache
     return {
         "images": len(files),
         "resolution": res,
-        "jpeg_decode_images_per_s": len(files) / t_dec,
-        "shard_images_per_s": shard_rate,
-        "ratio_shard_over_decode": t_dec / t_shard,
-        "ratio_shard_over_train_step_consumption": shard_rate / train_images_per_s,
+        "source_decode_and_crop_images_per_s": len(files) / t_dec,
+        "cache_loader_images_per_s": cache_rate,
+        "ratio_cache_over_source": t_dec / t_cache,
+        "ratio_cache_loader_over_train_step_consumption": cache_rate / train_images_per_s,
     }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sdvae.data.datamodule import ShardDataset, to_model_range
+from sdvae.data.datamodule import EvalImages, to_model_range
 from sdvae.data.prepare import PrepareSpec, prepare_split
 from sdvae.formats import load_any
 
@@ -26,10 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     model = load_any(args.model).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        prepare_split(Path(args.raw), Path(tmp) / "c", PrepareSpec("eval", args.resolution, 16, 10**9, 1024))
-        ds = ShardDataset(Path(tmp) / "c")
-        x = to_model_range(torch.stack([ds[i] for i in range(len(ds))]))
-    result = {"images": len(ds), "resolution": args.resolution, "scale": "[-1, 1]"}
+        manifest = prepare_split(Path(args.raw), Path(tmp) / "c", PrepareSpec("eval", args.resolution, 16, 10**9))
+        ds = EvalImages(Path(tmp) / "c")
+        x = to_model_range(torch.stack([ds[i] for i in range(manifest["count"])]))
+    result = {"images": manifest["count"], "resolution": args.resolution, "scale": "[-1, 1]"}
     with torch.no_grad():
         full = model.reconstruct(x).clamp(-1, 1)
         for tile in args.tiles:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from common import pipeline_weights, trained_autoencoder
 from sdvae.config import load_config
-from sdvae.data.datamodule import ShardDataset, to_model_range
+from sdvae.data.datamodule import eval_batches, read_manifest
 from sdvae.evaluation import beats_baseline, evaluate_with_baseline
 from sdvae.formats.diffusers import load_diffusers
 from sdvae.imagefiles import save_rows
@@ -25,8 +24,8 @@ def main() -> None:
     folder, which = trained_autoencoder(cfg)
     model = load_diffusers(folder)
     metric_weights = pipeline_weights(cfg)
-    dataset = ShardDataset("data/cache/eval")
-    loader = (to_model_range(b) for b in DataLoader(dataset, batch_size=e.batch_size))
+    eval_images = read_manifest("data/cache/eval")["count"]
+    loader = eval_batches("data/cache/eval", e.batch_size)
     scores, rows = evaluate_with_baseline(
         model,
         loader,
@@ -36,7 +35,7 @@ def main() -> None:
         e.grid_images,
     )
     ours, base = scores["model"], scores["baseline"]
-    caption = f"{len(dataset)} eval images at {e.resolution} px, {which} weights | " + " | ".join(
+    caption = f"{eval_images} eval images at {e.resolution} px, {which} weights | " + " | ".join(
         f"{k.upper()} {ours[k]:.3f} vs {base[k]:.3f}" for k in ("lpips", "psnr", "ssim")
     )
     grid = save_rows(
@@ -44,7 +43,7 @@ def main() -> None:
     )
     result = {
         **scores,
-        "eval_images": len(dataset),
+        "eval_images": eval_images,
         "resolution": e.resolution,
         "weights": which,
         "beats_baseline": beats_baseline(ours, base),

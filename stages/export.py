@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from common import trained_autoencoder
 from sdvae.config import load_config
-from sdvae.data.datamodule import ShardDataset, to_model_range
+from sdvae.data.datamodule import TrainImages, read_manifest, to_model_range
 from sdvae.formats.diffusers import load_diffusers, save_diffusers
 from sdvae.io import write_json
 from sdvae.model_card import render_model_card
@@ -25,8 +25,10 @@ def main() -> None:
     model = load_diffusers(trained_autoencoder(cfg)[0])
     stats: dict[str, object] = {}
     if x.compute_scaling_factor:
-        train = ShardDataset("data/cache/train")
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.data.seed))[: x.scaling_images]
+        torch.manual_seed(cfg.data.seed)  # the crops drawn for the statistics
+        train = TrainImages("data/cache/train", cfg.train.resolution, cfg.data.train_short_side, shuffle=False)
+        count = read_manifest("data/cache/train")["count"]
+        pick = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.data.seed))[: x.scaling_images]
         loader = (to_model_range(b) for b in DataLoader(Subset(train, pick.tolist()), batch_size=cfg.eval.batch_size))
         stats = latent_statistics(model, loader, seed=cfg.data.seed)
         model.config = model.config.replace(scaling_factor=float(stats["scaling_factor"]))

@@ -12,15 +12,21 @@ from sdvae.io import write_json
 def main() -> None:
     cfg = load_config()
     d = cfg.data
-    common = {"min_size": d.min_size, "max_pixels": d.max_image_pixels, "shard_size": d.shard_size, "seed": d.seed}
+    common = {
+        "min_size": d.min_size,
+        "max_pixels": d.max_image_pixels,
+        "chunk_mb": d.chunk_mb,
+        "num_workers": max(1, d.num_workers),
+    }
     train = prepare_split(
         Path("data/raw/train"),
         Path("data/cache/train"),
         PrepareSpec(
             mode="train",
             resolution=cfg.train.resolution,
-            crops_per_image=d.crops_per_image,
-            short_side=d.train_short_side,
+            max_short_side=d.max_short_side or d.train_short_side[1],
+            jpeg_quality=d.jpeg_quality,
+            samples_per_image=d.samples_per_image,
             **common,
         ),
     )
@@ -30,7 +36,13 @@ def main() -> None:
         PrepareSpec(mode="eval", resolution=cfg.eval.resolution, **common),
     )
     summary = {
-        split: {"images": len(m["images"]), "cached": m["count"], "skipped": len(m["skipped"])}
+        split: {
+            "images": len(m["images"]),
+            "cached": m["count"],
+            "cache_bytes": m["bytes"],
+            "skipped": len(m["skipped"]),
+            "skipped_files": m["skipped"],
+        }
         for split, m in (("train", train), ("eval", evals))
     }
     write_json("metrics/data.json", summary)

@@ -84,7 +84,7 @@ def project(tmp_path_factory, photos):
         {
             "train_source": f"folder:{base}/photos/train",
             "eval_source": f"folder:{base}/photos/eval",
-            "crops_per_image": 8,
+            "samples_per_image": 8,
             "train_short_side": [32, 96],
             "min_size": 16,
         }

@@ -42,9 +42,11 @@ class DataConfig:
     image_column: str = "image"
     min_size: int = num(64, ge=1)
     max_images: int = num(0, ge=0)  # 0 = all images of the source
-    crops_per_image: int = num(64, ge=1)
+    samples_per_image: int = num(1, ge=1)  # cache entries per train image, i.e. crops per image per epoch
     train_short_side: tuple[int, int] = (96, 320)
-    shard_size: int = num(1024, ge=1)
+    max_short_side: int | None = num(None, ge=8)  # stored train images' short side; null = train_short_side max
+    jpeg_quality: int = num(95, ge=50, le=100)  # for train images that must be re-encoded from JPEG
+    chunk_mb: int = num(64, ge=1)  # litdata chunk size
     eval_fraction: float = num(0.1, gt=0.0, lt=1.0)  # used when train and eval share a source
     max_image_pixels: int = num(200_000_000, ge=1)
     num_workers: int = num(0, ge=0)
@@ -114,7 +116,8 @@ class TrainConfig:
     log_every: int = num(10, ge=1)
     max_bad_steps: int = num(20, ge=1)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int = num(1, ge=1)
+    devices: int = num(1, ge=1)  # per node
+    num_nodes: int = num(1, ge=1)  # machines in the job (torchrun / SLURM / MASTER_ADDR + NODE_RANK)
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
     num_workers: int = num(0, ge=0)
     val_images: int = num(16, ge=1)

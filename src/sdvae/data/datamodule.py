@@ -1,38 +1,96 @@
-"""LightningDataModule over the sharded cache: memory-mapped reads, flips, [-1, 1] floats.
+"""Datasets and the LightningDataModule over the litdata cache.
 
-Batches travel as uint8 (4x less to copy) and become floats on the device in
-`on_after_batch_transfer`. Under DDP, Lightning swaps in a DistributedSampler so every rank
-sees a distinct part of each epoch.
+Training images are decoded in the DataLoader workers and cropped fresh on every read: the
+short side is drawn from `data.train_short_side`, then a random `train.resolution` window and
+a random left-right flip, so no two epochs see the same crops. Eval images are stored already
+cropped and come back as they are. Batches travel as uint8 (4x less to copy) and become floats
+in [-1, 1] on the device in `on_after_batch_transfer`.
+
+Under DDP `StreamingDataset` gives every rank a distinct part of each epoch. Lightning saves
+`StreamingDataLoader`'s position in checkpoints: a resumed run continues the interrupted epoch
+with the next unseen samples, but then replays that epoch's remainder once more (a known defect,
+tests/test_training.py::test_killed_run_resumes_mid_epoch_with_the_next_unseen_samples).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from litdata import StreamingDataLoader, StreamingDataset
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
 
-from sdvae.data.shards import ShardReader
+from sdvae.data.encoding import decode
+from sdvae.data.prepare import FORMAT, MANIFEST
 
 
-class ShardDataset(Dataset):
-    """uint8 CHW tensors from the cache, optionally flipped left-right at random."""
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: no {MANIFEST}; run the prepare stage (dvc repro prepare)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; re-run prepare")
+    return manifest
 
-    def __init__(self, root: str | Path, hflip: bool = False) -> None:
-        self.reader = ShardReader(root)
-        self.hflip = hflip
 
-    def __len__(self) -> int:
-        return len(self.reader)
+def random_crop(
+    img: np.ndarray, resolution: int, short_side: tuple[int, int], generator: torch.Generator | None = None
+) -> np.ndarray:
+    """Resize the short side to a random value in `short_side` (never below `resolution`), then a
+    random `resolution` window."""
+    lo, hi = max(short_side[0], resolution), max(short_side[1], resolution)
+    short = int(torch.randint(lo, hi + 1, (), generator=generator))
+    h, w = img.shape[:2]
+    scale = short / min(h, w)
+    size = (max(short, round(w * scale)), max(short, round(h * scale)))
+    scaled = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0))
+    top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator))
+    left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator))
+    return scaled[top : top + resolution, left : left + resolution]
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        img = torch.from_numpy(np.array(self.reader[index])).permute(2, 0, 1)
-        if self.hflip and torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        return img
+
+class TrainImages(StreamingDataset):
+    """uint8 CHW crops drawn fresh at every read (random scale, position and flip)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        short_side: tuple[int, int],
+        seed: int = 0,
+        shuffle: bool = True,
+        return_ids: bool = False,
+    ) -> None:
+        read_manifest(root)
+        super().__init__(str(Path(root).resolve()), shuffle=shuffle, drop_last=True, seed=seed)
+        self.resolution, self.short_side, self.return_ids = resolution, short_side, return_ids
+
+    def __getitem__(self, index: Any) -> torch.Tensor | tuple[torch.Tensor, str]:
+        sample = super().__getitem__(index)
+        lo = max(self.short_side[0], self.resolution)
+        img = random_crop(decode(sample["image"], draft_short_side=lo), self.resolution, self.short_side)
+        out = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        out = out.flip(-1) if torch.rand(()) < 0.5 else out
+        # the sample's identity (file and copy), for checking epochs, resumes and DDP splits
+        return (out, f"{sample['name']}#{sample['copy']}") if self.return_ids else out
+
+
+class EvalImages(StreamingDataset):
+    """uint8 CHW eval images, exactly as prepare stored them, in a fixed order."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.manifest = read_manifest(root)
+        super().__init__(str(Path(root).resolve()), shuffle=False, drop_last=False)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        sample = super().__getitem__(index)
+        return torch.from_numpy(np.ascontiguousarray(decode(sample["image"]))).permute(2, 0, 1)
 
 
 def to_model_range(batch: torch.Tensor) -> torch.Tensor:
@@ -40,54 +98,61 @@ def to_model_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(127.5).sub_(1.0)
 
 
-class ShardDataModule(L.LightningDataModule):
+def eval_batches(root: str | Path, batch_size: int, limit: int | None = None) -> Any:
+    """Float batches in [-1, 1] of the first `limit` eval images (all by default), in cache order."""
+    dataset = EvalImages(root)
+    count = dataset.manifest["count"] if limit is None else min(limit, dataset.manifest["count"])
+    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size)
+    return (to_model_range(b) for b in loader)
+
+
+class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_dir: str | Path,
         val_dir: str | Path,
         batch_size: int,
+        resolution: int,
+        short_side: tuple[int, int],
         num_workers: int = 0,
         val_images: int = 16,
-        val_batch_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.val_images, self.val_batch_size = val_images, val_batch_size or batch_size
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        self.resolution, self.short_side, self.seed = resolution, short_side, seed
+        self.val_images = val_images
+        self.train_set: TrainImages | None = None
+        self.val_set: Subset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = ShardDataset(self.train_dir, hflip=True)
-        if len(self.train_set) < self.batch_size:
+        count = read_manifest(self.train_dir)["count"]
+        if count < self.batch_size:
             raise ValueError(
-                f"{self.train_dir}: {len(self.train_set)} images, fewer than one batch of "
-                f"{self.batch_size}; lower train.batch_size or add data"
+                f"{self.train_dir}: {count} training samples, fewer than one batch of {self.batch_size}; "
+                "lower train.batch_size, raise data.samples_per_image or add data"
             )
-        val = ShardDataset(self.val_dir, hflip=False)
-        self.val_set = Subset(val, range(min(self.val_images, len(val))))
+        self.train_set = TrainImages(self.train_dir, self.resolution, self.short_side, self.seed)
+        val = EvalImages(self.val_dir)
+        self.val_set = Subset(val, range(min(self.val_images, val.manifest["count"])))
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        kw: dict[str, Any] = {}
-        if self.num_workers > 0:
-            kw = {"persistent_workers": True, "prefetch_factor": 4}
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+    def train_dataloader(self) -> StreamingDataLoader:
+        assert self.train_set is not None
+        kw: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 4} if self.num_workers > 0 else {}
+        # Lightning saves and restores a StreamingDataLoader's position in its checkpoints itself.
+        return StreamingDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            drop_last=True,
             **kw,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
-
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None
-        return self._loader(self.val_set, self.val_batch_size, shuffle=False, drop_last=False)
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=0)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         return to_model_range(batch)

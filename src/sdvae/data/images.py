@@ -7,6 +7,7 @@ display orientation, or a `SkippedImage` reason that the manifest records.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -52,17 +53,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path, min_size: int, max_pixels: int) -> np.ndarray:
-    """uint8 HWC RGB in display orientation; raises `SkippedImage` with a reason."""
-    path = Path(path)
-    if path.stat().st_size == 0:
+def load_rgb(source: str | Path | bytes, min_size: int, max_pixels: int) -> np.ndarray:
+    """uint8 HWC RGB in display orientation from a file or its bytes; raises `SkippedImage` with a reason."""
+    if isinstance(source, bytes):
+        size, opened = len(source), io.BytesIO(source)
+    else:
+        size, opened = Path(source).stat().st_size, Path(source)
+    if size == 0:
         raise SkippedImage("empty file (0 bytes)")
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(opened) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise SkippedImage(f"decompression bomb guard: {w}x{h} exceeds {max_pixels} pixels")

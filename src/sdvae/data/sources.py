@@ -134,26 +134,6 @@ def _iter_folder(root: Path) -> Iterator[tuple[str, bytes]]:
         yield str(p.relative_to(root)).replace("/", "__"), p.read_bytes()
 
 
-def _iter_hf(name: str, image_column: str) -> Iterator[tuple[str, bytes]]:
-    import datasets
-
-    dataset, _, split = name.partition(":")
-    try:
-        ds = datasets.load_dataset(dataset, split=split or "train")
-    except Exception as exc:  # the hub or the dataset is unreachable: say so plainly
-        raise SourceError(
-            f"hf:{name}: could not load from the Hugging Face hub ({exc}); offline, use folder:<path> or builtin:photos"
-        ) from exc
-    if image_column not in ds.column_names:
-        raise SourceError(f"hf:{name}: no column {image_column!r} (columns: {ds.column_names}); set data.image_column")
-    ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    for i, row in enumerate(ds):
-        cell = row[image_column]
-        data = cell.get("bytes") or Path(cell["path"]).read_bytes()
-        suffix = Path(cell.get("path") or "x.png").suffix or ".png"
-        yield f"{i:08d}{suffix}", data
-
-
 def _iter_skimage(licenses: Path) -> Iterator[tuple[str, bytes]]:
     import skimage
     from PIL import Image
@@ -203,7 +183,7 @@ def iter_source(spec: str, image_column: str, download_cache: Path, licenses: Pa
     if kind == "folder":
         return _iter_folder(Path(rest).expanduser())
     if kind == "hf":
-        return _iter_hf(rest, image_column)
+        raise SourceError("hf: sources are read by prepare from datasets' cache, not copied (sdvae.data.hf)")
     if rest == "skimage":
         return _iter_skimage(licenses)
     return _iter_debian(BUILTIN_DEBIAN[rest], download_cache / "debs", licenses)
@@ -220,14 +200,19 @@ def download_split(
     eval_fraction: float = 0.1,
     is_eval: bool = False,
 ) -> dict:
-    """Write the images of one split into `out/images/` (licenses in `out/licenses/`).
+    """Write the images of one split into `out/images/` (licenses in `out/licenses/`); for `hf:`
+    sources only `out/source.json` (see sdvae.data.hf).
 
     When train and eval share a source (`exclude_from` == `spec`), the content-hash split
     keeps every image on one side only.
     """
+    shared = exclude_from is not None and exclude_from == spec
+    if parse_source(spec)[0] == "hf":
+        from sdvae.data.hf import record_source
+
+        return record_source(spec, out, image_column, max_images, shared, eval_fraction, is_eval)
     images, licenses = out / "images", out / "licenses"
     images.mkdir(parents=True, exist_ok=True)
-    shared = exclude_from is not None and exclude_from == spec
     kept, digests = 0, []
     for name, data in tqdm(
         iter_source(spec, image_column, download_cache, licenses), desc=f"download {spec}", unit="img"

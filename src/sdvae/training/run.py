@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from sdvae.config import Config, TrackingConfig
-from sdvae.data.datamodule import ShardDataModule
+from sdvae.data.datamodule import ImageDataModule
 from sdvae.formats.diffusers import load_diffusers, save_diffusers
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
@@ -73,6 +73,7 @@ def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Tr
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         strategy=strategy,
         precision=t.precision,
         max_epochs=-1,
@@ -100,8 +101,15 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     else:
         autoencoder = build_autoencoder(cfg.model, cfg.train.resolution)
     module = VAEGANModule(cfg, autoencoder, build_lpips(cfg.weights))
-    datamodule = ShardDataModule(
-        paths.train_cache, paths.eval_cache, cfg.train.batch_size, cfg.train.num_workers, cfg.train.val_images
+    datamodule = ImageDataModule(
+        paths.train_cache,
+        paths.eval_cache,
+        cfg.train.batch_size,
+        cfg.train.resolution,
+        cfg.data.train_short_side,
+        cfg.train.num_workers,
+        cfg.train.val_images,
+        cfg.train.seed,
     )
     uri = tracking_uri(cfg.tracking)
     logger = MLFlowLogger(

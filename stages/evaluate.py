@@ -36,7 +36,7 @@ def main() -> None:
     )
     ours, base = scores["model"], scores["baseline"]
     caption = f"{eval_images} eval images at {e.resolution} px, {which} weights | " + " | ".join(
-        f"{k.upper()} {ours[k]:.3f} vs {base[k]:.3f}" for k in ("lpips", "psnr", "ssim")
+        f"{k.upper()} model {ours[k]:.3f} / bicubic {base[k]:.3f}" for k in ("lpips", "psnr", "ssim")
     )
     grid = save_rows(
         rows, Path("metrics/eval_grid.png"), labels=["input", f"model ({which})", "bicubic"], caption=caption

@@ -1,6 +1,6 @@
 """Atomic file and directory writes: a reader never sees half an output.
 
-Everything the pipeline produces (shards, checkpoints, exports, metrics) goes through these,
+Everything the pipeline produces (caches, checkpoints, exports, metrics) goes through these,
 so an interrupted stage leaves either the old output or the new one, never a mix.
 """
 

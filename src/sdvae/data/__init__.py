@@ -1,1 +1,1 @@
-"""Data: sources, decoding/validation, the sharded cache and the Lightning DataModule."""
+"""Data: sources, decoding/validation, the litdata cache (encoding, prepare) and the Lightning DataModule."""

@@ -58,6 +58,22 @@ def caches(tmp_path_factory, photos):
     return root
 
 
+def log_sample_ids(path: Path) -> None:
+    """Append the id (`file#copy`) of every training sample read in this process to `path`."""
+    import sdvae.data.datamodule as dm
+
+    log = open(path, "a", buffering=1)  # noqa: SIM115 - open for the process's lifetime
+    real_get = dm.TrainImages.__getitem__
+
+    def logged(self, index):
+        self.return_ids = True
+        img, sample_id = real_get(self, index)
+        log.write(sample_id + "\n")
+        return img
+
+    dm.TrainImages.__getitem__ = logged
+
+
 def make(caches: Path, tmp: Path, **overrides: dict) -> tuple[Config, TrainPaths]:
     params: dict = {k: dict(v) for k, v in TINY.items()}
     for section, values in overrides.items():
@@ -261,18 +277,10 @@ import json, os, sys, hashlib
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import torch
-from test_training import make
+from test_training import log_sample_ids, make
 from sdvae.training import run
-import sdvae.data.datamodule as dm
 rank = int(os.environ.get("NODE_RANK", "0")) + int(os.environ.get("LOCAL_RANK", "0"))
-log = open(Path({tmp!r}, f"ids{{rank}}.log"), "a", buffering=1)
-real_get = dm.TrainImages.__getitem__
-def logged(self, index):
-    self.return_ids = True
-    img, sample_id = real_get(self, index)
-    log.write(sample_id + "\\n")
-    return img
-dm.TrainImages.__getitem__ = logged
+log_sample_ids(Path({tmp!r}, f"ids{{rank}}.log"))
 layout = json.loads(sys.argv[1])
 cfg, paths = make(Path({caches!r}), Path({tmp!r}), loss={{"disc_start": 2}},
                   train={{"max_steps": 6, "strategy": "ddp", "accelerator": "cpu", "gan_schedule": "alternate",
@@ -392,18 +400,10 @@ _ID_RUNNER = """
 import json, os, sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from test_training import make
+from test_training import log_sample_ids, make
 from sdvae.training.run import train
-import sdvae.data.datamodule as dm
 import sdvae.training.module as m
-log = open(sys.argv[2], "a", buffering=1)
-real_get = dm.TrainImages.__getitem__
-def logged(self, index):
-    self.return_ids = True
-    img, sample_id = real_get(self, index)
-    log.write(sample_id + "\\n")
-    return img
-dm.TrainImages.__getitem__ = logged
+log_sample_ids(Path(sys.argv[2]))
 if sys.argv[1] == "slow":
     real = m.VAEGANModule.training_step
     def slow(self, *a, **k):

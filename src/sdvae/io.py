@@ -6,6 +6,7 @@ so an interrupted stage leaves either the old output or the new one, never a mix
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -99,6 +100,15 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -9,7 +9,6 @@ if every source fails, `WeightsNotFoundError` lists what was tried.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdvae.io import atomic_path
+from sdvae.io import atomic_path, sha256_file
 
 VGG_TORCHVISION_FILE = "vgg16-397923af.pth"
 INCEPTION_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -82,14 +81,6 @@ def default_cache_dir(override: str | Path | None = None) -> Path:
 
 def torch_hub_checkpoints() -> Path:
     return Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- fetching -----------------------------------------------------------------------------------------

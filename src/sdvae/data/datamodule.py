@@ -22,10 +22,10 @@ import lightning as L
 import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from sdvae.data.encoding import decode
+from sdvae.data.images import resize_short_side
 from sdvae.data.prepare import FORMAT, MANIFEST
 
 
@@ -45,13 +45,10 @@ def random_crop(
     """Resize the short side to a random value in `short_side` (never below `resolution`), then a
     random `resolution` window."""
     lo, hi = max(short_side[0], resolution), max(short_side[1], resolution)
-    short = int(torch.randint(lo, hi + 1, (), generator=generator))
-    h, w = img.shape[:2]
-    scale = short / min(h, w)
-    size = (max(short, round(w * scale)), max(short, round(h * scale)))
-    scaled = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0))
-    top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator))
-    left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator))
+    scaled = resize_short_side(img, int(torch.randint(lo, hi + 1, (), generator=generator)))
+    h, w = scaled.shape[:2]
+    top = int(torch.randint(0, h - resolution + 1, (), generator=generator))
+    left = int(torch.randint(0, w - resolution + 1, (), generator=generator))
     return scaled[top : top + resolution, left : left + resolution]
 
 

@@ -8,13 +8,12 @@ failing on every re-run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from sdvae.io import fsync_dir, publish_modes, write_json
+from sdvae.io import fsync_dir, publish_modes, sha256_file, write_json
 
 LAST = "last.ckpt"
 PREV = "prev.ckpt"
@@ -22,14 +21,6 @@ PREV = "prev.ckpt"
 
 def _sidecar(ckpt: Path) -> Path:
     return ckpt.with_name(ckpt.name + ".sha256.json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_problem(path: Path, check_hash: bool = True) -> str | None:
@@ -44,7 +35,7 @@ def checkpoint_problem(path: Path, check_hash: bool = True) -> str | None:
     actual = path.stat().st_size
     if actual != size:
         return f"{actual} bytes on disk, {size} written (truncated or damaged)"
-    if check_hash and file_sha256(path) != sha:
+    if check_hash and sha256_file(path) != sha:
         return "sha256 differs from the one recorded when it was written (damaged)"
     return None
 
@@ -54,7 +45,7 @@ def publish_checkpoint(tmp: Path, directory: Path) -> Path:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     publish_modes(tmp)
-    record = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+    record = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
     last, prev = directory / LAST, directory / PREV
     if checkpoint_problem(last, check_hash=False) is None:
         os.replace(last, prev)

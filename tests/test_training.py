@@ -455,3 +455,13 @@ def test_killed_run_resumes_mid_epoch_with_the_next_unseen_samples(caches, tmp_p
     assert resumed[:24] == uninterrupted[:24]  # the interrupted epoch continues exactly where it stopped
     # the next epoch is shuffled anew (not in the uninterrupted run's order): still every sample once
     assert sorted(resumed[24:]) == sorted(uninterrupted[24:])
+
+
+def test_rerun_after_validation_resumes_from_the_finished_checkpoint(caches, tmp_path):
+    """A checkpoint written after a validation loads into a fresh module (no validation-only keys)."""
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 2, "val_every": 1, "checkpoint_every": 1})
+    train(cfg, paths)
+    state = torch.load(paths.checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert not any(k.startswith("val_metrics.") for k in state)
+    result = train(cfg, paths)
+    assert result["resumed"] and result["windows"] == 2

@@ -244,6 +244,9 @@ class VAEGANModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = {f"val/{k}": float(v) for k, v in self.val_metrics.compute().items() if v is not None}
+        # The metric is a submodule only while validation runs: left attached, its keys (a second
+        # copy of LPIPS) would enter every later checkpoint, which a fresh module cannot load.
+        del self.val_metrics
         self.val_scores = values
         if self.logger is not None:
             self.logger.log_metrics(values, step=self.windows)
@@ -265,6 +268,9 @@ class VAEGANModule(L.LightningModule):
         checkpoint["sdvae_history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("val_metrics.")]:  # written by earlier versions
+            del state[key]
         c = checkpoint["sdvae_counters"]
         self.windows, self.g_steps, self.d_steps = c["windows"], c["g_steps"], c["d_steps"]
         self.bad_steps, self.micro = c["bad_steps"], c["micro"]

@@ -1,124 +1,250 @@
-"""Convergence benchmark: how far each weight init gets in the same number of steps.
+"""Convergence benchmark: eval-set quality against training wall-clock, recipe against recipe.
 
-Trains the tiny autoencoder with L1 only (no LPIPS, no GAN, posterior mode) from the
-`pytorch` and the `scaled_residual` init on the same batches, plus a linear 8x8 patch
-autoencoder with the same latent size as a reference for "how fast an easy model learns",
-and scores each on the eval cache (PSNR, L1) next to the bicubic baseline. The figure that
-matters is the same-run difference between the two inits. Updates the `convergence` entry
-of metrics/bench.json.
+Each recipe is params.yaml plus a few overrides. Every run drives the real training module
+(`VAEGANModule`, Lightning Trainer, litdata loader, fresh crops) and, every `--eval-every`
+windows, scores the weights that export would ship (EMA) on the whole eval cache with the
+evaluate stage's metrics (LPIPS, PSNR, SSIM; no rFID), next to the bicubic baseline. Evaluation
+time is left out of the clock. Runs are cached in a JSON-lines file keyed by recipe, overrides,
+seed and steps, so the bench can be extended or resumed; the summary (mean and spread over seeds)
+goes to the `convergence` entry of metrics/bench.json and the curves to metrics/convergence.png.
 
-    python bench/convergence.py [--steps 300] [--lr 5e-4]   # needs `dvc repro prepare` first
+    python bench/convergence.py --recipes default,logvar_-6 --seeds 0 --steps 400   # after `dvc repro prepare`
+    python bench/convergence.py --list
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sdvae.baseline import bicubic_roundtrip
-from sdvae.config import ModelConfig
-from sdvae.data.datamodule import EvalImages, TrainImages, read_manifest, to_model_range
+from sdvae.config import Config, config_from_dict
+from sdvae.data.datamodule import EvalImages, ImageDataModule, to_model_range
 from sdvae.evaluation import ReconstructionMetrics
+from sdvae.formats.diffusers import save_diffusers
 from sdvae.io import write_json
+from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder
+from sdvae.training.module import VAEGANModule
 
 ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("lpips", "psnr", "ssim")
+
+# Overrides on params.yaml (dotted keys). Each one asks one question of the issue's list.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "logvar_-6": {"model.init_logvar": -6.0},
+    "logvar_-6_no_gan": {"model.init_logvar": -6.0, "loss.disc_factor": 0.0},
+    "logvar_-6_lpips_0.25": {"model.init_logvar": -6.0, "loss.perceptual_weight": 0.25},
+    "logvar_-6_lr_1e-3": {"model.init_logvar": -6.0, "train.lr": 1.0e-3},
+    "logvar_-6_l2": {"model.init_logvar": -6.0, "loss.reconstruction": "l2"},
+    "logvar_-6_ema_0.999": {"model.init_logvar": -6.0, "train.ema_decay": 0.999},
+    "logvar_-6_betas_0.9": {"model.init_logvar": -6.0, "train.betas": [0.9, 0.99]},
+    "logvar_-6_batch_16": {"model.init_logvar": -6.0, "train.batch_size": 16},
+    "logvar_-6_narrow": {
+        "model.init_logvar": -6.0,
+        "model.block_out_channels": [16, 32, 64, 64],
+        "model.norm_num_groups": 8,
+    },
+    "logvar_-6_wide": {"model.init_logvar": -6.0, "model.block_out_channels": [64, 128, 256, 256]},
+    "logvar_-6_res_96": {"model.init_logvar": -6.0, "train.resolution": 96, "data.train_short_side": [96, 192]},
+    "pytorch_init": {"model.init": "pytorch"},
+    # the combination the short runs point to, with and without the GAN phase
+    "logvar_-6_lpips_0.25_no_gan": {"model.init_logvar": -6.0, "loss.perceptual_weight": 0.25, "loss.disc_factor": 0.0},
+}
 
 
-class LinearPatchAE(nn.Module):
-    """Stride-8 conv to 4 channels and back: the simplest f8c4 autoencoder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc, self.dec = nn.Conv2d(3, 4, 8, 8), nn.ConvTranspose2d(4, 3, 8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dec(self.enc(x))
-
-
-def reconstruct_fn(model: nn.Module):  # type: ignore[no-untyped-def]
-    if isinstance(model, LinearPatchAE):
-        return model
-    return lambda x: model.decode(model.encode(x).mode())
-
-
-def fit(model: nn.Module, train: Path, steps: int, lr: float, batch: int, seed: int) -> float:
-    """L1 training with the pipeline's optimizer settings; returns seconds. The same seed gives
-    the same batches and the same fresh crops (64 px, short side 64-192 as in params.yaml)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    images = TrainImages(train, 64, (64, 192), shuffle=False)
-    subset = Subset(images, range(read_manifest(train)["count"]))
-    loader = DataLoader(subset, batch_size=batch, shuffle=True, drop_last=True, generator=gen)
-    rec = reconstruct_fn(model)
-    done, start = 0, time.perf_counter()
-    while done < steps:
-        for b in loader:
-            x = to_model_range(b)
-            loss = (rec(x) - x).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            done += 1
-            if done >= steps:
-                break
-    return time.perf_counter() - start
+def recipe_config(base: dict[str, Any], overrides: dict[str, Any], seed: int, steps: int) -> Config:
+    data = json.loads(json.dumps(base))
+    for key, value in {**overrides, "train.seed": seed, "train.max_steps": steps}.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    # disc_start keeps its share of the run, so short runs see the GAN phase too
+    full = base["train"]["max_steps"]
+    if "loss.disc_start" not in overrides and steps != full:
+        data["loss"]["disc_start"] = round(base["loss"]["disc_start"] * steps / full)
+    return config_from_dict(data)
 
 
 @torch.no_grad()
-def score(fn, eval_dir: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    metrics = ReconstructionMetrics(None)
+def score(reconstruct, eval_dir: Path, lpips_net: torch.nn.Module) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    metrics = ReconstructionMetrics(lpips_net)
     images = EvalImages(eval_dir)
-    for b in DataLoader(Subset(images, range(images.manifest["count"])), batch_size=8):
-        x = to_model_range(b)
-        metrics.update(x, fn(x).clamp(-1, 1))
-    return {k: round(v, 4) for k, v in metrics.compute().items() if v is not None}
+    for batch in DataLoader(Subset(images, range(images.manifest["count"])), batch_size=8):
+        x = to_model_range(batch)
+        metrics.update(x, reconstruct(x).clamp(-1, 1))
+    return {k: round(float(v), 5) for k, v in metrics.compute().items() if k in METRICS}
+
+
+class QualityCurve(L.Callback):
+    """Scores the export weights every `every` windows; the clock stops while it scores."""
+
+    def __init__(self, eval_dir: Path, every: int, lpips_net: torch.nn.Module) -> None:
+        self.eval_dir, self.every, self.lpips_net = eval_dir, every, lpips_net
+        self.rows: list[dict[str, float]] = []
+        self.train_s = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module: VAEGANModule) -> None:
+        self.mark = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: VAEGANModule, *args: Any) -> None:
+        done = module.windows >= module.cfg.train.max_steps
+        if not module.window_done or (module.windows % self.every and not done):
+            return
+        self.train_s += time.perf_counter() - self.mark
+        model = module.eval_autoencoder()
+        was_training = model.training
+        model.eval()
+        row = {"step": module.windows, "train_s": round(self.train_s, 2)}
+        row.update(score(model.reconstruct, self.eval_dir, self.lpips_net))
+        model.train(was_training)
+        self.rows.append(row)
+        print(f"  {row}", flush=True)
+        self.mark = time.perf_counter()
+
+
+def run_one(
+    cfg: Config, train_dir: Path, eval_dir: Path, every: int, lpips_net: torch.nn.Module, save: Path | None
+) -> dict[str, Any]:
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = VAEGANModule(cfg, build_autoencoder(cfg.model, cfg.train.resolution), lpips_net)
+    data = ImageDataModule(
+        train_dir, eval_dir, cfg.train.batch_size, cfg.train.resolution, cfg.data.train_short_side, 0, 1, cfg.train.seed
+    )
+    curve = QualityCurve(eval_dir, every, lpips_net)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+        logger=False,
+        callbacks=[curve],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        precision=cfg.train.precision,
+    )
+    trainer.fit(module, datamodule=data)
+    if save is not None:
+        save_diffusers(module.eval_autoencoder(), save)
+    return {"curve": curve.rows, "final": curve.rows[-1]}
+
+
+def summarize(runs: list[dict[str, Any]], baseline: dict[str, float]) -> dict[str, Any]:
+    """Mean and spread (max - min) over seeds of the final scores, per recipe and step budget."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["recipe"], run["steps"]), []).append(run)
+    out: dict[str, Any] = {}
+    for (recipe, steps), group in sorted(groups.items()):
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in group], "overrides": group[0]["overrides"]}
+        for m in (*METRICS, "train_s"):
+            values = [r["final"][m] for r in group]
+            row[m] = round(statistics.fmean(values), 4)
+            row[f"{m}_spread"] = round(max(values) - min(values), 4)
+        better = {"lpips": row["lpips"] < baseline["lpips"], "psnr": row["psnr"] > baseline["psnr"]}
+        better["ssim"] = row["ssim"] > baseline["ssim"]
+        row["beats_bicubic"] = better
+        out[f"{recipe}@{steps}"] = row
+    return out
+
+
+def plot(runs: list[dict[str, Any]], baseline: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    names = sorted({(r["recipe"], r["steps"]) for r in runs})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, key in enumerate(names):
+        for j, run in enumerate(r for r in runs if (r["recipe"], r["steps"]) == key):
+            xs = [p["train_s"] for p in run["curve"]]
+            for ax, m in zip(axes, METRICS, strict=True):
+                label = f"{key[0]} ({key[1]} steps)" if j == 0 else None
+                ax.plot(xs, [p[m] for p in run["curve"]], color=colors[i % len(colors)], alpha=0.85, label=label)
+    for ax, m in zip(axes, METRICS, strict=True):
+        ax.axhline(baseline[m], color="black", linestyle="--", label="bicubic" if m == "lpips" else None)
+        ax.set_xlabel("training wall-clock, s (evaluation excluded)")
+        ax.set_title(f"eval {m.upper()} ({'lower' if m == 'lpips' else 'higher'} is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Convergence on the eval set (26 photos, 128 px), one line per seed", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--recipes", default="default")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, default=None, help="windows per run (default: params.yaml)")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--train", default=str(ROOT / "data/cache/train"))
     parser.add_argument("--eval", default=str(ROOT / "data/cache/eval"))
+    parser.add_argument("--runs", default=str(ROOT / "metrics/convergence_runs.jsonl"))
     parser.add_argument("--out", default=str(ROOT / "metrics/bench.json"))
+    parser.add_argument("--plot", default=str(ROOT / "metrics/convergence.png"))
+    parser.add_argument("--save-models", default=None, help="folder for each run's EMA model (diffusers)")
+    parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
-    train, eval_dir = Path(args.train), Path(args.eval)
-    rows: dict[str, dict[str, float]] = {}
-    for init in ("pytorch", "scaled_residual"):
-        torch.manual_seed(0)
-        model = build_autoencoder(ModelConfig(preset="tiny", init=init), 64)
-        seconds = fit(model, train, args.steps, args.lr, args.batch, seed=0)
-        rows[f"tiny_{init}"] = {**score(reconstruct_fn(model.eval()), eval_dir), "train_s": round(seconds, 1)}
-        print(init, rows[f"tiny_{init}"], flush=True)
-    torch.manual_seed(0)
-    linear = LinearPatchAE()
-    seconds = fit(linear, train, args.steps, 1e-3, args.batch, seed=0)
-    rows["linear_patch_ae"] = {**score(linear.eval(), eval_dir), "train_s": round(seconds, 1)}
-    rows["bicubic_baseline"] = score(lambda x: bicubic_roundtrip(x, 8, 4), eval_dir)
-    result = {
-        "what": "eval-set PSNR/L1 after the same L1-only training steps and batches; eval at cache resolution",
-        "steps": args.steps,
-        "lr": args.lr,
-        "batch": args.batch,
-        "rows": rows,
-        "psnr_gain_scaled_residual_db": round(rows["tiny_scaled_residual"]["psnr"] - rows["tiny_pytorch"]["psnr"], 3),
-        "command": f"python bench/convergence.py --steps {args.steps} --lr {args.lr}",
-    }
+    if args.list:
+        print(json.dumps(RECIPES, indent=2))
+        return
+    import yaml
+
+    base = yaml.safe_load(Path(args.params).read_text())
+    steps = args.steps or base["train"]["max_steps"]
+    train_dir, eval_dir, runs_file = Path(args.train), Path(args.eval), Path(args.runs)
+    cfg0 = config_from_dict(base)
+    lpips_net = build_lpips(cfg0.weights)
+    runs = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    for name in args.recipes.split(","):
+        if name not in RECIPES:
+            raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        for seed in (int(s) for s in args.seeds.split(",")):
+            key = {"recipe": name, "overrides": RECIPES[name], "seed": seed, "steps": steps, "params": base}
+            if any(all(r.get(k) == v for k, v in key.items()) for r in runs):
+                print(f"{name} seed {seed} @ {steps}: cached")
+                continue
+            print(f"{name} seed {seed} @ {steps}", flush=True)
+            cfg = recipe_config(base, RECIPES[name], seed, steps)
+            save = Path(args.save_models) / f"{name}-seed{seed}-{steps}" if args.save_models else None
+            result = run_one(cfg, train_dir, eval_dir, args.eval_every, lpips_net, save)
+            runs.append({**key, **result})
+            runs_file.parent.mkdir(parents=True, exist_ok=True)
+            with runs_file.open("a") as f:
+                f.write(json.dumps(runs[-1]) + "\n")
+    baseline = score(lambda x: bicubic_roundtrip(x, 8, 4), eval_dir, lpips_net)
+    current = [r for r in runs if r["params"] == base]
+    summary = summarize(current, baseline)
+    plot(current, baseline, Path(args.plot))
     out = Path(args.out)
     bench = json.loads(out.read_text()) if out.is_file() else {}
-    bench["convergence"] = result
+    bench["convergence"] = {
+        "what": "eval-set scores (26 photos, 128 px) of the EMA weights after each recipe's run; "
+        "mean and spread (max - min) over seeds; train_s excludes evaluation",
+        "machine": f"{torch.get_num_threads()} CPU threads",
+        "bicubic": baseline,
+        "recipes": summary,
+        "command": "python bench/convergence.py --recipes <names> --seeds <list> --steps <n>",
+    }
     write_json(out, bench)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(bench["convergence"], indent=2))
 
 
 if __name__ == "__main__":

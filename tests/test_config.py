@@ -29,6 +29,7 @@ def test_defaults_are_frozen():
         ({"model": {"latent_channels": 0}}, "model.latent_channels: expected int >= 1, got 0"),
         ({"model": {"preset": "huge"}}, "model.preset: expected one of 'tiny', 'sd-f8c4', 'ldm-kl-f4', got 'huge'"),
         ({"model": {"init": "xavier"}}, "model.init: expected one of 'pytorch', 'scaled_residual', got 'xavier'"),
+        ({"model": {"init_logvar": -100}}, "model.init_logvar: expected float >= -30.0 and <= 10.0, got -100"),
         ({"train": {"lr": -1}}, "train.lr: expected float > 0.0, got -1"),
         ({"train": {"precision": "fp8"}}, "train.precision: expected one of '32', 'bf16-mixed', '16-mixed'"),
         ({"train": {"ema": "yes"}}, "train.ema: expected true or false, got 'yes'"),

@@ -241,8 +241,9 @@ def test_sources_folder_split_and_errors(tmp_path, photos):
     assert in_eval_split("0" * 64, 0.1) and not in_eval_split("f" * 64, 0.1)
     with pytest.raises(SourceError, match="expected one of hf:<dataset>"):
         parse_source("s3://bucket")
-    with pytest.raises(SourceError, match="unknown built-in set"):
+    with pytest.raises(SourceError, match=r"unknown built-in set.*builtin:unseen, builtin:skimage"):
         parse_source("builtin:kodak")
+    assert parse_source("builtin:unseen") == ("builtin", "unseen")
 
 
 def test_datamodule_batches_in_range(tmp_path, photos):

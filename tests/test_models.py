@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import diffusers
 import pytest
@@ -198,6 +199,27 @@ def test_scaled_residual_init_makes_residual_blocks_identity_and_keeps_layout():
     with torch.no_grad():
         spread = {name: float(m.encode(img).mean.std()) for name, m in (("default", default), ("scaled", scaled))}
     assert spread["scaled"] > 2 * spread["default"], spread
+
+
+@pytest.mark.parametrize("preset_overrides", [{}, {"use_quant_conv": False}])
+def test_init_logvar_starts_the_posterior_near_the_given_log_variance(preset_overrides):
+    """Any input, either moment-producing conv: the posterior starts at the chosen log-variance,
+    while the means (the other half of the same conv) are untouched."""
+    from sdvae.config import ModelConfig
+    from sdvae.models.factory import build_autoencoder
+
+    cfg = ModelConfig(preset="tiny", init="scaled_residual", **preset_overrides)
+    torch.manual_seed(0)
+    plain = build_autoencoder(cfg, 64)
+    torch.manual_seed(0)
+    low = build_autoencoder(replace(cfg, init_logvar=-6.0), 64)
+    img = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a, b = plain.encode(img), low.encode(img)
+    assert float((b.logvar + 6.0).abs().max()) < 0.1
+    assert torch.equal(a.mean, b.mean)
+    assert float(b.std.max()) < 0.06  # the sampled latent is now mostly signal, not unit noise
+    assert float(a.logvar.abs().mean()) < 2.0  # against the plain start near 0
 
 
 def test_unknown_init_scheme_is_rejected():

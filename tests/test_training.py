@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -93,8 +94,6 @@ def make(caches: Path, tmp: Path, **overrides: dict) -> tuple[Config, TrainPaths
 
 
 def _rows(paths: TrainPaths) -> list[dict[str, str]]:
-    import csv
-
     with open(paths.train_csv) as fh:
         return list(csv.DictReader(fh))
 
@@ -298,10 +297,11 @@ Path({tmp!r}, f"rank{{captured['rank']}}.json").write_text(json.dumps(captured))
 """
 
 
-@pytest.mark.parametrize("layout", ["one_node_two_devices"])
+@pytest.mark.parametrize("layout", ["one_node_two_devices", "two_nodes_one_device_each"])
 def test_ddp_two_cpu_processes_read_disjoint_samples(caches, tmp_path, layout):
-    """DDP with gloo, Lightning launching 2 processes on one node. (The layout of 2 "nodes" of 1
-    process each, started by hand with MASTER_ADDR / NODE_RANK / WORLD_SIZE, is not covered yet.)"""
+    """DDP with gloo: Lightning launching 2 processes on one node, or 2 "nodes" of 1 process each
+    started by hand with Lightning's multi-node variables (MASTER_ADDR, NODE_RANK, WORLD_SIZE),
+    sharing one checkpoint folder and MLflow database as nodes share a file system."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP.format(tests=str(Path(__file__).parent), caches=str(caches), tmp=str(tmp_path)))
     port = str(29500 + os.getpid() % 1000 + (7 if layout.startswith("two") else 0))
@@ -415,15 +415,11 @@ print(json.dumps(train(cfg, paths)))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a mid-epoch resume the interrupted epoch's remaining samples come twice: Lightning restores "
-    "the StreamingDataLoader position, then replays it at the next epoch (cf. litdata #775)",
-)
 def test_killed_run_resumes_mid_epoch_with_the_next_unseen_samples(caches, tmp_path):
     """6 photos x 4 entries = 6 batches of 4 per epoch; killed after window 4 (mid-epoch), the
     resumed run sees exactly the samples an uninterrupted run sees next: none repeated, none skipped.
-    Lightning carries the loader's position in the checkpoint."""
+    Lightning carries the loader's position in the checkpoint; `ClosesResumedEpoch` stops the
+    loader replaying the rest of the interrupted epoch at the next one."""
     script = tmp_path / "ids.py"
     script.write_text(_ID_RUNNER.format(tests=str(Path(__file__).parent), caches=str(caches)))
     whole = tmp_path / "whole.log"
@@ -465,3 +461,5 @@ def test_rerun_after_validation_resumes_from_the_finished_checkpoint(caches, tmp
     assert not any(k.startswith("val_metrics.") for k in state)
     result = train(cfg, paths)
     assert result["resumed"] and result["windows"] == 2
+    val_steps = [row["step"] for row in csv.DictReader(paths.val_csv.open())]
+    assert val_steps == ["1", "2"]  # the re-run's validation of window 2 replaced the row, not repeated it

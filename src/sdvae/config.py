@@ -51,6 +51,7 @@ class DataConfig:
     max_image_pixels: int = num(200_000_000, ge=1)
     num_workers: int = num(0, ge=0)
     seed: int = num(0, ge=0)
+    cache_uri: str | None = None  # s3:// gs:// azure:// r2:// prefix for the train cache (multi-node)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ModelConfig:
     shift_factor: float | None = None
     gradient_checkpointing: bool = False
     init: Literal["pytorch", "scaled_residual"] = "pytorch"  # starting weights when not init_from
+    init_logvar: float | None = num(None, ge=-30.0, le=10.0)  # starting posterior log-variance; null = the init's
 
 
 @dataclass(frozen=True)
@@ -326,9 +328,18 @@ def _check_sources(data: DataConfig) -> None:
             raise ConfigError(f"data.{key}: {exc}") from exc
 
 
+REMOTE_CACHE_SCHEMES = ("s3://", "gs://", "azure://", "r2://")  # object stores litdata streams from
+
+
 def _check_config(cfg: Config) -> None:
     """Constraints across sections."""
     _check_sources(cfg.data)
+    uri = cfg.data.cache_uri
+    if uri is not None and (not uri.startswith(REMOTE_CACHE_SCHEMES) or len(uri.rstrip("/").split("/")) < 3):
+        raise ConfigError(
+            f"data.cache_uri: expected null or a bucket prefix starting with one of "
+            f"{', '.join(REMOTE_CACHE_SCHEMES)} (e.g. s3://bucket/sdvae-cache), got {uri!r}"
+        )
     if cfg.train.init_from is None:  # with init_from the architecture comes from that folder
         factor = _downsample_factor(cfg.model)
         for key in ("train.resolution", "eval.resolution"):

@@ -8,8 +8,8 @@ in [-1, 1] on the device in `on_after_batch_transfer`.
 
 Under DDP `StreamingDataset` gives every rank a distinct part of each epoch. Lightning saves
 `StreamingDataLoader`'s position in checkpoints: a resumed run continues the interrupted epoch
-with the next unseen samples, but then replays that epoch's remainder once more (a known defect,
-tests/test_training.py::test_killed_run_resumes_mid_epoch_with_the_next_unseen_samples).
+with the next unseen samples (`training.callbacks.ClosesResumedEpoch` makes the next epoch a
+fresh one). A train cache prepared to `data.cache_uri` is streamed from there.
 """
 
 from __future__ import annotations
@@ -63,16 +63,19 @@ class TrainImages(StreamingDataset):
         seed: int = 0,
         shuffle: bool = True,
         return_ids: bool = False,
+        stream_cache: str | None = None,
     ) -> None:
-        read_manifest(root)
-        super().__init__(str(Path(root).resolve()), shuffle=shuffle, drop_last=True, seed=seed)
+        manifest = read_manifest(root)
+        source = manifest.get("remote") or str(Path(root).resolve())  # data.cache_uri: streamed
+        # stream_cache: where chunks of a remote cache land (None: litdata's default, ~/.lightning/chunks)
+        super().__init__(source, shuffle=shuffle, drop_last=True, seed=seed, cache_dir=stream_cache)
         self.resolution, self.short_side, self.return_ids = resolution, short_side, return_ids
 
     def __getitem__(self, index: Any) -> torch.Tensor | tuple[torch.Tensor, str]:
         sample = super().__getitem__(index)
         lo = max(self.short_side[0], self.resolution)
         img = random_crop(decode(sample["image"], draft_short_side=lo), self.resolution, self.short_side)
-        out = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        out = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # a writable copy
         out = out.flip(-1) if torch.rand(()) < 0.5 else out
         # the sample's identity (file and copy), for checking epochs, resumes and DDP splits
         return (out, f"{sample['name']}#{sample['copy']}") if self.return_ids else out
@@ -87,7 +90,7 @@ class EvalImages(StreamingDataset):
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         sample = super().__getitem__(index)
-        return torch.from_numpy(np.ascontiguousarray(decode(sample["image"]))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(decode(sample["image"]))).permute(2, 0, 1)  # a writable copy
 
 
 def to_model_range(batch: torch.Tensor) -> torch.Tensor:

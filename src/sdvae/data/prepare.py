@@ -97,8 +97,24 @@ def _prepare_one(name: str, *, read: Callable[[str], bytes | None], reasons: str
         yield {"name": name, "copy": copy, "image": data, "height": h, "width": w, "stored": how}
 
 
-def prepare_split(raw: Path, out: Path, spec: PrepareSpec) -> dict:
-    """Build the cache for one split; every skipped file is recorded with its reason."""
+def _remote_index(remote: str, scratch: Path) -> dict[str, Any]:
+    """litdata's index.json of a remote dataset, fetched with litdata's own client."""
+    from litdata.streaming.downloader import get_downloader
+
+    local = scratch / "index.json"
+    get_downloader(remote, str(scratch), []).download_file(f"{remote}/index.json", str(local))
+    index = json.loads(local.read_text())
+    local.unlink()
+    return index
+
+
+def prepare_split(raw: Path, out: Path, spec: PrepareSpec, remote: str | None = None) -> dict:
+    """Build the cache for one split; every skipped file is recorded with its reason.
+
+    With `remote` (an `s3://`, `gs://`, `azure://` or `r2://` prefix) litdata writes the chunks
+    there and `out` holds only the manifest, which points at them: the small file DVC tracks,
+    and what every node of a multi-node job reads to stream the same data.
+    """
     from litdata import optimize
 
     source_info = json.loads((raw / "source.json").read_text()) if (raw / "source.json").is_file() else {}
@@ -117,7 +133,7 @@ def prepare_split(raw: Path, out: Path, spec: PrepareSpec) -> dict:
             optimize(
                 fn=fn,
                 inputs=files,
-                output_dir=str(tmp.resolve()),
+                output_dir=remote or str(tmp.resolve()),
                 chunk_bytes=f"{spec.chunk_mb}MB",
                 num_workers=max(1, min(spec.num_workers, len(files))),
                 reorder_files=False,
@@ -128,7 +144,10 @@ def prepare_split(raw: Path, out: Path, spec: PrepareSpec) -> dict:
             notes = [json.loads(line) for p in reasons.iterdir() for line in p.read_text().splitlines()]
         finally:
             shutil.rmtree(reasons, ignore_errors=True)
-        index = json.loads((tmp / "index.json").read_text()) if (tmp / "index.json").is_file() else {"chunks": []}
+        if remote is not None:
+            index = _remote_index(remote, reasons.parent)
+        else:
+            index = json.loads((tmp / "index.json").read_text()) if (tmp / "index.json").is_file() else {"chunks": []}
         skipped = sorted((n for n in notes if "reason" in n), key=lambda s: s["file"])
         kept = sorted(set(files) - {n["file"] for n in notes})
         if not index["chunks"]:
@@ -144,6 +163,7 @@ def prepare_split(raw: Path, out: Path, spec: PrepareSpec) -> dict:
             "spec": spec.__dict__,
             "source": source_info.get("source"),
             "source_fingerprint": source_info.get("fingerprint"),
+            "remote": remote,
             "count": sum(int(c["chunk_size"]) for c in chunks),
             "chunks": len(chunks),
             "bytes": sum(int(c["chunk_bytes"]) for c in chunks),

@@ -33,6 +33,7 @@ class DebianPick:
     package: str
     directory: str
     accept: Callable[[str], bool]
+    prefix: str = ""  # added to file names that repeat across directories (1920x1080.jpg)
 
 
 def _all(_: str) -> bool:
@@ -84,6 +85,31 @@ BUILTIN_DEBIAN: dict[str, list[DebianPick]] = {
         for d, names in _CLASSIC.items()
     ],
 }
+# Photos in no train or eval set of the project, to check that scores carry over to unseen
+# images (bench/out_of_set.py): the photographic KDE Plasma wallpapers (the others are
+# renders) and the one photo of Lomiri's 20.04 set.
+_PLASMA_PHOTOS = {
+    "BytheWater": "1920x1080.jpg",
+    "ColdRipple": "1920x1080.jpg",
+    "ColorfulCups": "2560x1600.jpg",
+    "DarkestHour": "1920x1080.jpg",
+    "EveningGlow": "1920x1080.jpg",
+    "FallenLeaf": "1920x1080.jpg",
+    "Grey": "1920x1080.jpg",
+    "Kite": "1920x1080.jpg",
+    "OneStandsOut": "1920x1080.jpg",
+    "Path": "1920x1080.jpg",
+    "summer_1am": "1920x1080.jpg",
+}
+BUILTIN_DEBIAN["unseen"] = [
+    DebianPick(
+        "plasma-workspace-wallpapers",
+        f"usr/share/wallpapers/{name}/contents/images",
+        lambda n, size=size: n == size,
+        prefix=f"{name}_",
+    )
+    for name, size in _PLASMA_PHOTOS.items()
+] + [DebianPick("lomiri-wallpapers-20.04", "usr/share/backgrounds", lambda n: n == "Kleiber_by_Lukas_Baubkus.jpg")]
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")
 
 
@@ -99,7 +125,8 @@ def skimage_photo(name: str):  # type: ignore[no-untyped-def]
 
 def parse_source(spec: str) -> tuple[str, str]:
     kind, _, rest = spec.partition(":")
-    allowed = "hf:<dataset>[:split], folder:<path>, builtin:photos, builtin:classic, builtin:skimage"
+    builtins = ", ".join(f"builtin:{name}" for name in (*BUILTIN_DEBIAN, "skimage"))
+    allowed = f"hf:<dataset>[:split], folder:<path>, {builtins}"
     if kind not in ("hf", "folder", "builtin") or not rest:
         raise SourceError(f"data source {spec!r}: expected one of {allowed}")
     if kind == "builtin" and rest not in (*BUILTIN_DEBIAN, "skimage"):
@@ -175,7 +202,7 @@ def _iter_debian(picks: list[DebianPick], deb_cache: Path, licenses: Path) -> It
                 folder = Path(tmp) / pick.directory
                 for f in sorted(folder.iterdir()) if folder.is_dir() else []:
                     if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and pick.accept(f.name):
-                        yield f"{package}__{f.name}", f.read_bytes()
+                        yield f"{package}__{pick.prefix}{f.name}", f.read_bytes()
 
 
 def iter_source(spec: str, image_column: str, download_cache: Path, licenses: Path) -> Iterator[tuple[str, bytes]]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from sdvae.config import ConfigError, ModelConfig
 from sdvae.models.autoencoder_kl import PRESETS, AutoencoderKL, AutoencoderKLConfig
-from sdvae.models.init import initialize
+from sdvae.models.init import initialize, set_posterior_logvar
 
 _OVERRIDABLE = {
     "block_out_channels": "block_out_channels",
@@ -36,5 +36,7 @@ def architecture(cfg: ModelConfig, sample_size: int | None = None) -> Autoencode
 
 def build_autoencoder(cfg: ModelConfig, sample_size: int | None = None) -> AutoencoderKL:
     model = initialize(AutoencoderKL(architecture(cfg, sample_size)), cfg.init)
+    if cfg.init_logvar is not None:
+        set_posterior_logvar(model, cfg.init_logvar)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     return model

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
 
+from sdvae.models.autoencoder_kl import AutoencoderKL
 from sdvae.models.blocks import Attention, ResnetBlock2D
 
 InitScheme = Literal["pytorch", "scaled_residual"]
@@ -39,4 +41,22 @@ def initialize(model: nn.Module, scheme: InitScheme) -> nn.Module:
         elif isinstance(module, Attention):
             nn.init.zeros_(module.to_out[0].weight)
             nn.init.zeros_(module.to_out[0].bias)
+    return model
+
+
+def set_posterior_logvar(model: AutoencoderKL, logvar: float) -> AutoencoderKL:
+    """Start the posterior's log-variance near `logvar` for every input.
+
+    Why: with a zero bias the fresh encoder's posterior has unit variance while its means are
+    small, so the sampled latents are mostly noise and the decoder first learns to ignore them;
+    a negative start lets reconstruction drive learning from step one (the KL term still pulls
+    the variance up where the latent does not need the precision). The logvar half of the
+    moment-producing conv (`quant_conv`, else the encoder's `conv_out`) gets this bias and
+    weights scaled down 100x, so the start does not depend on the input.
+    """
+    conv = model.quant_conv if model.quant_conv is not None else model.encoder.conv_out
+    half = conv.out_channels // 2
+    with torch.no_grad():
+        conv.weight[half:].mul_(0.01)
+        conv.bias[half:].fill_(logvar)
     return model

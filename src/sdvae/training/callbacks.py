@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from litdata import StreamingDataLoader
 
 from sdvae.imagefiles import save_rows
 from sdvae.io import atomic_path, write_json
@@ -24,6 +25,21 @@ def save_grid(
     """Two labelled rows, input above reconstruction, each image in [-1, 1]; written as PNG."""
     n = min(max_images, inputs.shape[0])
     return save_rows([inputs[:n].cpu(), recons[:n].cpu()], path, labels=["input", model_label], caption=caption)
+
+
+class ClosesResumedEpoch(L.Callback):
+    """Ends a resumed epoch for the StreamingDataLoader too, so the next epoch starts afresh.
+
+    Why: after `load_state_dict` the loader sets `restore` and clears it only when its iterator
+    runs to exhaustion; Lightning ends an epoch once it has counted `len(loader)` batches, without
+    drawing past the last one. Left set, `restore` makes the next epoch replay the rest of the
+    interrupted one (every sample after the cut seen twice), so it is cleared at each epoch end.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, StreamingDataLoader):
+            loader.restore = False
 
 
 class AtomicLastCheckpoint(L.Callback):

@@ -50,6 +50,10 @@ def _finite_grads(params: list[nn.Parameter]) -> bool:
     return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
 
 
+def _is_validation_row(row: dict[str, float]) -> bool:
+    return any(k.startswith("val/") for k in row)
+
+
 class VAEGANModule(L.LightningModule):
     def __init__(self, cfg: Config, autoencoder: AutoencoderKL, perceptual: nn.Module | None) -> None:
         super().__init__()
@@ -250,6 +254,8 @@ class VAEGANModule(L.LightningModule):
         self.val_scores = values
         if self.logger is not None:
             self.logger.log_metrics(values, step=self.windows)
+        # A re-run of a finished run validates its last window again: replace that row, do not repeat it.
+        self.history = [r for r in self.history if r["step"] != self.windows or not _is_validation_row(r)]
         self.history.append({"step": self.windows, **values})
         self.log("val_lpips", values.get("val/lpips", float("nan")), prog_bar=True, logger=False, sync_dist=False)
 

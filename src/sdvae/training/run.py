@@ -20,7 +20,13 @@ from sdvae.formats.diffusers import load_diffusers, save_diffusers
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder
-from sdvae.training.callbacks import AtomicLastCheckpoint, ValidationGrid, write_final_metrics, write_history
+from sdvae.training.callbacks import (
+    AtomicLastCheckpoint,
+    ClosesResumedEpoch,
+    ValidationGrid,
+    write_final_metrics,
+    write_history,
+)
 from sdvae.training.checkpoints import resumable_checkpoint
 from sdvae.training.module import VAEGANModule
 from sdvae.training.progress import StepProgressBar
@@ -51,17 +57,44 @@ def run_fingerprint(cfg: Config, paths: TrainPaths) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _resume_state(cfg: Config, paths: TrainPaths) -> tuple[Path | None, str | None]:
-    """(checkpoint to resume, MLflow run id to continue); stale checkpoints of other params are removed."""
+def _resume_state(cfg: Config, paths: TrainPaths) -> tuple[Path | None, str | None, bool]:
+    """(checkpoint to resume, MLflow run id to continue, whether stale checkpoints must go).
+
+    Pure, so every rank reaches the same answer; only global rank 0 removes anything, once the
+    ranks are known (`RunBookkeeping.setup`)."""
     meta_file = paths.checkpoints / "run.json"
-    fingerprint = run_fingerprint(cfg, paths)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("fingerprint") != fingerprint:
-        if paths.checkpoints.exists():
-            print(f"checkpoints in {paths.checkpoints} belong to other params or data: starting afresh")
-            shutil.rmtree(paths.checkpoints)
-        return None, None
-    return resumable_checkpoint(paths.checkpoints), meta.get("run_id")
+    if meta.get("fingerprint") != run_fingerprint(cfg, paths):
+        return None, None, paths.checkpoints.exists()
+    return resumable_checkpoint(paths.checkpoints), meta.get("run_id"), False
+
+
+class RunBookkeeping(L.Callback):
+    """Global rank 0's one-off writes: drop stale checkpoints, log params, record the run.
+
+    Why in `setup`: before `fit` sets up the process group, a process of node 1 started with
+    NODE_RANK=1 still reports global rank 0, and two processes creating the MLflow run race on
+    the database. `setup` runs after the ranks are set and before any checkpoint is restored.
+    """
+
+    def __init__(self, cfg: Config, paths: TrainPaths, logger: MLFlowLogger, new_run: bool, stale: bool) -> None:
+        self.cfg, self.paths, self.logger, self.new_run, self.stale = cfg, paths, logger, new_run, stale
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            if self.stale:
+                print(f"checkpoints in {self.paths.checkpoints} belong to other params or data: starting afresh")
+                shutil.rmtree(self.paths.checkpoints)
+            self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+            if self.new_run:
+                self.logger.log_hyperparams(self.cfg.flat())
+            record = {
+                "fingerprint": run_fingerprint(self.cfg, self.paths),
+                "run_id": self.logger.run_id,
+                "tracking_uri": tracking_uri(self.cfg.tracking),
+            }
+            write_json(self.paths.checkpoints / "run.json", record)
+        trainer.strategy.barrier("sdvae-bookkeeping")
 
 
 def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
@@ -94,7 +127,7 @@ def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Tr
 def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     """Train (or resume) and write the raw and EMA autoencoders as diffusers folders."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    resume, run_id = _resume_state(cfg, paths)
+    resume, run_id, stale = _resume_state(cfg, paths)
     if cfg.train.init_from:
         autoencoder = load_diffusers(cfg.train.init_from)
         autoencoder.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
@@ -119,20 +152,14 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         run_id=run_id,
         log_model=False,
     )
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
     callbacks = [
+        RunBookkeeping(cfg, paths, logger, new_run=run_id is None, stale=stale),
         AtomicLastCheckpoint(paths.checkpoints, cfg.train.checkpoint_every),
         ValidationGrid(paths.grids, cfg.eval.grid_images),
         StepProgressBar(),
+        ClosesResumedEpoch(),
     ]
     trainer = build_trainer(cfg, logger, callbacks)
-    if trainer.is_global_zero:
-        if run_id is None:
-            logger.log_hyperparams(cfg.flat())
-        write_json(
-            paths.checkpoints / "run.json",
-            {"fingerprint": run_fingerprint(cfg, paths), "run_id": logger.run_id, "tracking_uri": uri},
-        )
     if resume is not None:
         print(f"resuming from {resume}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)

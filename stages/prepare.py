@@ -18,6 +18,9 @@ def main() -> None:
         "chunk_mb": d.chunk_mb,
         "num_workers": max(1, d.num_workers),
     }
+    # With data.cache_uri the train chunks go to object storage and data/cache/train holds the
+    # manifest that points at them; the eval cache is small and read by index, so it stays here.
+    remote = f"{d.cache_uri.rstrip('/')}/train" if d.cache_uri else None
     train = prepare_split(
         Path("data/raw/train"),
         Path("data/cache/train"),
@@ -29,6 +32,7 @@ def main() -> None:
             samples_per_image=d.samples_per_image,
             **common,
         ),
+        remote=remote,
     )
     evals = prepare_split(
         Path("data/raw/eval"),

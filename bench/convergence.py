@@ -164,23 +164,25 @@ def plot(runs: list[dict[str, Any]], baseline: dict[str, float], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     names = sorted({(r["recipe"], r["steps"]) for r in runs})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    longest = max(steps for _, steps in names)
+    colors = plt.get_cmap("tab20").colors
     for i, key in enumerate(names):
+        style = "-" if key[1] == longest else ":"
         for j, run in enumerate(r for r in runs if (r["recipe"], r["steps"]) == key):
             xs = [p["train_s"] for p in run["curve"]]
             for ax, m in zip(axes, METRICS, strict=True):
-                label = f"{key[0]} ({key[1]} steps)" if j == 0 else None
-                ax.plot(xs, [p[m] for p in run["curve"]], color=colors[i % len(colors)], alpha=0.85, label=label)
+                label = f"{key[0]} ({key[1]} steps)" if j == 0 and m == "lpips" else None
+                ax.plot(xs, [p[m] for p in run["curve"]], style, color=colors[i % len(colors)], label=label)
     for ax, m in zip(axes, METRICS, strict=True):
         ax.axhline(baseline[m], color="black", linestyle="--", label="bicubic" if m == "lpips" else None)
         ax.set_xlabel("training wall-clock, s (evaluation excluded)")
         ax.set_title(f"eval {m.upper()} ({'lower' if m == 'lpips' else 'higher'} is better)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Convergence on the eval set (26 photos, 128 px), one line per seed", fontsize=10)
-    fig.tight_layout()
+    fig.legend(loc="center right", fontsize=7)
+    fig.suptitle("Convergence on the eval set (26 photos, 128 px): one line per seed and recipe", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -25,3 +25,28 @@ def test_train_step_bench_runs_each_variant(lpips_net):
     assert row["best_option"] in ("ours_reference", "ours_one_backward")
     assert row["ratio_ours_over_diffusers"] > 0 and row["diffusers_images_per_s"] > 0
     assert set(row) >= {"ratio_ours_one_backward_over_diffusers", "ratio_ours_reference_over_diffusers"}
+
+
+def test_convergence_recipes_apply_to_the_base_params_and_summarize_over_seeds():
+    import yaml
+
+    from convergence import RECIPES, recipe_config, summarize
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "bench/convergence_base.yaml").read_text())
+    cfg = recipe_config(base, RECIPES["logvar_-6_lpips_0.25"], seed=2, steps=1200)
+    assert (cfg.model.init_logvar, cfg.loss.perceptual_weight, cfg.train.seed) == (-6.0, 0.25, 2)
+    # the GAN keeps its share of a longer run: 650 of 800 windows -> 975 of 1200
+    assert (cfg.train.max_steps, cfg.loss.disc_start) == (1200, 975)
+    runs = [
+        {
+            "recipe": "r",
+            "steps": 10,
+            "seed": s,
+            "overrides": {},
+            "final": {"lpips": lp, "psnr": ps, "ssim": 0.5, "train_s": 1},
+        }
+        for s, lp, ps in ((0, 0.40, 20.0), (1, 0.44, 19.0))
+    ]
+    row = summarize(runs, {"lpips": 0.43, "psnr": 19.5, "ssim": 0.6})["r@10"]
+    assert (row["lpips"], row["lpips_spread"], row["psnr"], row["psnr_spread"]) == (0.42, 0.04, 19.5, 1.0)
+    assert row["beats_bicubic"] == {"lpips": True, "psnr": False, "ssim": False}

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
+
+
+def store_lock(uri: str) -> AbstractContextManager[Any]:
+    """Serialises opening a sqlite tracking store across processes (DDP ranks, nodes on a shared
+    disk): MLflow creates and migrates the schema when a client first opens the file, and two
+    processes doing it at once collide ("duplicate column name"). Server URIs need no lock."""
+    if uri.startswith("sqlite:///"):
+        return FileLock(uri.removeprefix("sqlite:///") + ".lock")
+    return nullcontext()
 
 
 def training_run(run_file: str | Path = "models/train/run.json") -> tuple[MlflowClient, str]:

@@ -20,6 +20,7 @@ from sdvae.formats.diffusers import load_diffusers, save_diffusers
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder
+from sdvae.tracking import store_lock
 from sdvae.training.callbacks import (
     AtomicLastCheckpoint,
     ClosesResumedEpoch,
@@ -145,13 +146,14 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         cfg.train.seed,
     )
     uri = tracking_uri(cfg.tracking)
-    logger = MLFlowLogger(
-        experiment_name=cfg.tracking.experiment,
-        tracking_uri=uri,
-        run_name=cfg.tracking.run_name,
-        run_id=run_id,
-        log_model=False,
-    )
+    with store_lock(uri):  # the logger opens the store (and may create the schema) right here
+        logger = MLFlowLogger(
+            experiment_name=cfg.tracking.experiment,
+            tracking_uri=uri,
+            run_name=cfg.tracking.run_name,
+            run_id=run_id,
+            log_model=False,
+        )
     callbacks = [
         RunBookkeeping(cfg, paths, logger, new_run=run_id is None, stale=stale),
         AtomicLastCheckpoint(paths.checkpoints, cfg.train.checkpoint_every),

@@ -75,13 +75,15 @@ def test_train_cache_on_s3_streams_the_same_samples_as_a_local_one(s3_server, tm
     remote = prepare_split(tmp_path / "raw", tmp_path / "pointer", spec, remote="s3://sdvae/cache/train")
     # the local side is only the manifest (what DVC tracks); the chunks are in the bucket
     assert sorted(p.name for p in (tmp_path / "pointer").iterdir()) == ["manifest.json"]
+    # a new version under the prefix, so a re-run never overwrites what an older pointer names
+    assert remote["remote"].startswith("s3://sdvae/cache/train/") and local["remote"] is None
+    prefix = remote["remote"].removeprefix("s3://sdvae/")
     keys = [o["Key"] for o in s3_server.list_objects_v2(Bucket="sdvae")["Contents"]]
-    assert "cache/train/index.json" in keys and any(k.startswith("cache/train/chunk-") for k in keys)
-    assert remote["remote"] == "s3://sdvae/cache/train" and local["remote"] is None
+    assert f"{prefix}/index.json" in keys and any(k.startswith(f"{prefix}/chunk-") for k in keys)
     assert (remote["count"], remote["images"]) == (local["count"], local["images"])  # chunk layout may differ
     # the same stored bytes for every sample (the two layouts may order them differently)
     stored_local = _stored(str(tmp_path / "local"))
-    assert _stored("s3://sdvae/cache/train", tmp_path / "stream-raw") == stored_local and len(stored_local) == 8
+    assert _stored(remote["remote"], tmp_path / "stream-raw") == stored_local and len(stored_local) == 8
     # and the training dataset, given only the pointer, streams them from the bucket as crops
     images = TrainImages(tmp_path / "pointer", RES, (RES, 64), return_ids=True, stream_cache=str(tmp_path / "stream"))
     samples = list(images)

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import sys
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,9 +115,14 @@ def prepare_split(raw: Path, out: Path, spec: PrepareSpec, remote: str | None = 
 
     With `remote` (an `s3://`, `gs://`, `azure://` or `r2://` prefix) litdata writes the chunks
     there and `out` holds only the manifest, which points at them: the small file DVC tracks,
-    and what every node of a multi-node job reads to stream the same data.
+    and what every node of a multi-node job reads to stream the same data. Each prepare writes
+    a new version under `remote` and the pointer moves only when it is complete, so a killed
+    prepare never damages the data an existing pointer names (old versions stay until deleted).
     """
     from litdata import optimize
+
+    if remote is not None:
+        remote = f"{remote.rstrip('/')}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
     source_info = json.loads((raw / "source.json").read_text()) if (raw / "source.json").is_file() else {}
     folder = raw / "images" if (raw / "images").is_dir() else raw

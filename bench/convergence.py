@@ -23,11 +23,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from sdvae.baseline import bicubic_roundtrip
 from sdvae.config import Config, config_from_dict
-from sdvae.data.datamodule import EvalImages, ImageDataModule, to_model_range
+from sdvae.data.datamodule import ImageDataModule, eval_batches
 from sdvae.evaluation import ReconstructionMetrics
 from sdvae.formats.diffusers import save_diffusers
 from sdvae.io import write_json
@@ -77,9 +76,7 @@ def recipe_config(base: dict[str, Any], overrides: dict[str, Any], seed: int, st
 @torch.no_grad()
 def score(reconstruct, eval_dir: Path, lpips_net: torch.nn.Module) -> dict[str, float]:  # type: ignore[no-untyped-def]
     metrics = ReconstructionMetrics(lpips_net)
-    images = EvalImages(eval_dir)
-    for batch in DataLoader(Subset(images, range(images.manifest["count"])), batch_size=8):
-        x = to_model_range(batch)
+    for x in eval_batches(eval_dir, 8):
         metrics.update(x, reconstruct(x).clamp(-1, 1))
     return {k: round(float(v), 5) for k, v in metrics.compute().items() if k in METRICS}
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sdvae.config import WeightsConfig
+from sdvae.data.datamodule import to_model_range
 from sdvae.data.encoding import decode, eval_bytes
 from sdvae.data.sources import iter_source
 from sdvae.evaluation import beats_baseline, evaluate_with_baseline
@@ -41,7 +42,7 @@ def unseen_batch(source: str, resolution: int, cache: Path) -> tuple[torch.Tenso
         png, *_ = eval_bytes(data, 64, 200_000_000, resolution)
         crops.append(decode(png))
         names.append(name)
-    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = to_model_range(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
     return x, names
 
 

@@ -58,14 +58,14 @@ def run_fingerprint(cfg: Config, paths: TrainPaths) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _resume_state(cfg: Config, paths: TrainPaths) -> tuple[Path | None, str | None, bool]:
+def _resume_state(paths: TrainPaths, fingerprint: str) -> tuple[Path | None, str | None, bool]:
     """(checkpoint to resume, MLflow run id to continue, whether stale checkpoints must go).
 
     Pure, so every rank reaches the same answer; only global rank 0 removes anything, once the
     ranks are known (`RunBookkeeping.setup`)."""
     meta_file = paths.checkpoints / "run.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("fingerprint") != run_fingerprint(cfg, paths):
+    if meta.get("fingerprint") != fingerprint:
         return None, None, paths.checkpoints.exists()
     return resumable_checkpoint(paths.checkpoints), meta.get("run_id"), False
 
@@ -78,8 +78,11 @@ class RunBookkeeping(L.Callback):
     the database. `setup` runs after the ranks are set and before any checkpoint is restored.
     """
 
-    def __init__(self, cfg: Config, paths: TrainPaths, logger: MLFlowLogger, new_run: bool, stale: bool) -> None:
-        self.cfg, self.paths, self.logger, self.new_run, self.stale = cfg, paths, logger, new_run, stale
+    def __init__(
+        self, cfg: Config, paths: TrainPaths, logger: MLFlowLogger, fingerprint: str, new_run: bool, stale: bool
+    ) -> None:
+        self.cfg, self.paths, self.logger, self.fingerprint = cfg, paths, logger, fingerprint
+        self.new_run, self.stale = new_run, stale
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
@@ -90,7 +93,7 @@ class RunBookkeeping(L.Callback):
             if self.new_run:
                 self.logger.log_hyperparams(self.cfg.flat())
             record = {
-                "fingerprint": run_fingerprint(self.cfg, self.paths),
+                "fingerprint": self.fingerprint,
                 "run_id": self.logger.run_id,
                 "tracking_uri": tracking_uri(self.cfg.tracking),
             }
@@ -128,7 +131,8 @@ def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Tr
 def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     """Train (or resume) and write the raw and EMA autoencoders as diffusers folders."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    resume, run_id, stale = _resume_state(cfg, paths)
+    fingerprint = run_fingerprint(cfg, paths)
+    resume, run_id, stale = _resume_state(paths, fingerprint)
     if cfg.train.init_from:
         autoencoder = load_diffusers(cfg.train.init_from)
         autoencoder.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
@@ -155,7 +159,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
             log_model=False,
         )
     callbacks = [
-        RunBookkeeping(cfg, paths, logger, new_run=run_id is None, stale=stale),
+        RunBookkeeping(cfg, paths, logger, fingerprint, new_run=run_id is None, stale=stale),
         AtomicLastCheckpoint(paths.checkpoints, cfg.train.checkpoint_every),
         ValidationGrid(paths.grids, cfg.eval.grid_images),
         StepProgressBar(),

@@ -106,10 +106,12 @@ def test_loss_decreases_on_real_photos(caches, tmp_path):
     assert sum(rec[-8:]) / 8 < 0.8 * sum(rec[:8]) / 8, rec
 
 
-def test_disc_starts_exactly_at_disc_start_and_mlflow_contents(caches, tmp_path):
-    cfg, paths = make(caches, tmp_path, loss={"disc_start": 5}, train={"max_steps": 9, "val_every": 9})
+def test_disc_and_lpips_start_exactly_on_time_and_mlflow_contents(caches, tmp_path):
+    loss = {"disc_start": 5, "perceptual_start": 3}
+    cfg, paths = make(caches, tmp_path, loss=loss, train={"max_steps": 9, "val_every": 9})
     result = train(cfg, paths)
     rows = _rows(paths)
+    assert [float(r["p_loss"]) > 0 for r in rows] == [False] * 3 + [True] * 6  # pixel loss alone, then LPIPS
     assert [r["disc_loss"] != "" for r in rows] == [False] * 5 + [True] * 4
     assert [r["d_weight"] != "" for r in rows] == [False] * 5 + [True] * 4
     assert result["g_steps"] == 9 and result["d_steps"] == 4

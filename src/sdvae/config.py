@@ -75,6 +75,7 @@ class ModelConfig:
 class LossConfig:
     reconstruction: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = num(1.0, ge=0.0)
+    perceptual_start: int = num(0, ge=0)  # generator steps on the pixel loss alone before LPIPS joins
     kl_weight: float = num(1e-6, ge=0.0)
     learn_logvar: bool = False
     logvar_init: float = 0.0

@@ -99,12 +99,14 @@ class VAEGANLoss(nn.Module):
         self.register_buffer("ema_real", torch.zeros(()))  # LeCam anchors
         self.register_buffer("ema_fake", torch.zeros(()))
 
-    def reconstruction(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-pixel reconstruction error (+ weighted LPIPS broadcast over pixels)."""
+    def reconstruction(
+        self, x: torch.Tensor, xrec: torch.Tensor, perceptual: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pixel reconstruction error (+ weighted LPIPS broadcast over pixels, when `perceptual`)."""
         diff = x.float() - xrec.float()
         rec = diff.abs() if self.cfg.reconstruction == "l1" else diff.pow(2)
         pixel = rec.mean()
-        if self.perceptual is not None:
+        if self.perceptual is not None and perceptual:
             p = self.perceptual(x.float(), xrec.float())  # (N, 1, 1, 1), differentiable w.r.t. xrec
             rec = rec + self.cfg.perceptual_weight * p
             return rec, pixel, p.mean()
@@ -117,9 +119,11 @@ class VAEGANLoss(nn.Module):
         posterior: DiagonalGaussianDistribution,
         logits_fake: torch.Tensor | None,
         last_layer: torch.Tensor | None,
+        perceptual: bool = True,
     ) -> GeneratorTerms:
+        """`perceptual=False` leaves LPIPS out of this step (the pixel-only phase before `perceptual_start`)."""
         n = x.shape[0]
-        rec, pixel, p_loss = self.reconstruction(x, xrec)
+        rec, pixel, p_loss = self.reconstruction(x, xrec, perceptual)
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / n
         kl = posterior.kl().sum() / n
         loss = nll + self.cfg.kl_weight * kl

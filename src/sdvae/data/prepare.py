@@ -144,6 +144,7 @@ def prepare_split(raw: Path, out: Path, spec: PrepareSpec, remote: str | None = 
                 chunk_bytes=f"{spec.chunk_mb}MB",
                 num_workers=max(1, min(spec.num_workers, len(files))),
                 reorder_files=False,
+                keep_data_ordered=True,  # static slice per worker: the same inputs give the same chunks
                 mode="overwrite",
                 verbose=True,
                 start_method="fork" if sys.platform == "linux" else None,

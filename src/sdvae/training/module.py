@@ -115,6 +115,10 @@ class VAEGANModule(L.LightningModule):
     def gan_active(self) -> bool:
         return self.g_steps >= self.cfg.loss.disc_start and self.cfg.loss.disc_factor > 0
 
+    @property
+    def perceptual_active(self) -> bool:
+        return self.g_steps >= self.cfg.loss.perceptual_start
+
     def window_roles(self) -> tuple[bool, bool]:
         """(train generator, train discriminator) for the current window."""
         if not self.gan_active:
@@ -142,7 +146,9 @@ class VAEGANModule(L.LightningModule):
             xrec, posterior = self.autoencoder(batch, sample_posterior=True)
             logits_fake = self.discriminator(xrec) if use_gan else None
             last = self.autoencoder.decoder.conv_out.weight
-            terms = self.loss.generator(batch, xrec, posterior, logits_fake, last if use_gan else None)
+            terms = self.loss.generator(
+                batch, xrec, posterior, logits_fake, last if use_gan else None, self.perceptual_active
+            )
             logs.update(terms.logs)
             if torch.isfinite(terms.loss) and torch.isfinite(terms.backward):
                 self.manual_backward(terms.backward / k)

@@ -5,9 +5,13 @@ from pathlib import Path
 
 import torch
 
+from sdvae.config import config_from_dict
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from train_step import bench_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_step_bench_runs_each_variant(lpips_net):
@@ -32,11 +36,16 @@ def test_convergence_recipes_apply_to_the_base_params_and_summarize_over_seeds()
 
     from convergence import RECIPES, recipe_config, summarize
 
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "bench/convergence_base.yaml").read_text())
+    base = yaml.safe_load((ROOT / "bench/convergence_base.yaml").read_text())
     cfg = recipe_config(base, RECIPES["logvar_-6_lpips_0.25"], seed=2, steps=1200)
     assert (cfg.model.init_logvar, cfg.loss.perceptual_weight, cfg.train.seed) == (-6.0, 0.25, 2)
     # the GAN keeps its share of a longer run: 650 of 800 windows -> 975 of 1200
     assert (cfg.train.max_steps, cfg.loss.disc_start) == (1200, 975)
+    # the default in params.yaml is the recipe the bench measured, nothing tuned beside it
+    params = config_from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())).to_dict()
+    measured = recipe_config(base, RECIPES["pixel_first_600"], seed=0, steps=1500).to_dict()
+    for section in ("data", "model", "loss", "discriminator", "train"):
+        assert params[section] == measured[section], section
     runs = [
         {
             "recipe": "r",

@@ -224,26 +224,40 @@ _RUNNER = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from test_training import make
+from test_training import log_sample_ids, make
 from sdvae.training.run import train
 import sdvae.training.module as m
-if sys.argv[1] == "slow":
+delay, overrides, out, ids = float(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+if ids:
+    log_sample_ids(Path(ids))
+if delay:
     real = m.VAEGANModule.training_step
     def slow(self, *a, **k):
-        time.sleep(0.3)
+        time.sleep(delay)
         return real(self, *a, **k)
     m.VAEGANModule.training_step = slow
-cfg, paths = make(Path({caches!r}), Path({tmp!r}), **json.loads(sys.argv[2]))
+cfg, paths = make(Path({caches!r}), out, **overrides)
 print(json.dumps(train(cfg, paths)))
 """
 
 
-def test_resume_after_kill_reaches_same_step_count(caches, tmp_path):
+def _runner(caches: Path, tmp_path: Path) -> Path:
+    """A script that trains in its own process: argv = delay per step (s), overrides (JSON), run
+    folder, file to log sample ids to ("" = none). Slow runs give a test time to kill them."""
     script = tmp_path / "runner.py"
-    script.write_text(_RUNNER.format(tests=str(Path(__file__).parent), caches=str(caches), tmp=str(tmp_path)))
-    overrides = json.dumps({"train": {"max_steps": 30, "checkpoint_every": 4}, "loss": {"disc_start": 3}})
+    script.write_text(_RUNNER.format(tests=str(Path(__file__).parent), caches=str(caches)))
+    return script
+
+
+def _run_args(script: Path, delay: float, overrides: dict, out: Path, ids: Path | str = "") -> list[str]:
+    return [sys.executable, str(script), str(delay), json.dumps(overrides), str(out), str(ids)]
+
+
+def test_resume_after_kill_reaches_same_step_count(caches, tmp_path):
+    script = _runner(caches, tmp_path)
+    overrides = {"train": {"max_steps": 30, "checkpoint_every": 4}, "loss": {"disc_start": 3}}
     proc = subprocess.Popen(
-        [sys.executable, str(script), "slow", overrides],
+        _run_args(script, 0.3, overrides, tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -258,7 +272,7 @@ def test_resume_after_kill_reaches_same_step_count(caches, tmp_path):
     proc.wait()
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["sdvae_counters"]
     assert 4 <= saved["windows"] < 30
-    done = subprocess.run([sys.executable, str(script), "fast", overrides], capture_output=True, text=True)
+    done = subprocess.run(_run_args(script, 0, overrides, tmp_path), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["resumed"] and result["windows"] == 30 and result["g_steps"] == 30 and result["d_steps"] == 27
@@ -398,38 +412,18 @@ def test_compiled_training_follows_the_eager_trajectory(caches, tmp_path):
             assert float(c[key]) == pytest.approx(float(e[key]), rel=1e-4 if i == 0 else 2e-2), (i, key)
 
 
-_ID_RUNNER = """
-import json, os, sys, time
-sys.path.insert(0, {tests!r})
-from pathlib import Path
-from test_training import log_sample_ids, make
-from sdvae.training.run import train
-import sdvae.training.module as m
-log_sample_ids(Path(sys.argv[2]))
-if sys.argv[1] == "slow":
-    real = m.VAEGANModule.training_step
-    def slow(self, *a, **k):
-        time.sleep(0.4)
-        return real(self, *a, **k)
-    m.VAEGANModule.training_step = slow
-cfg, paths = make(Path({caches!r}), Path(sys.argv[3]), train={{"max_steps": 12, "checkpoint_every": 4}})
-print(json.dumps(train(cfg, paths)))
-"""
-
-
 def test_killed_run_resumes_mid_epoch_with_the_next_unseen_samples(caches, tmp_path):
     """6 photos x 4 entries = 6 batches of 4 per epoch; killed after window 4 (mid-epoch), the
     resumed run sees exactly the samples an uninterrupted run sees next: none repeated, none skipped.
     Lightning carries the loader's position in the checkpoint; `ClosesResumedEpoch` stops the
     loader replaying the rest of the interrupted epoch at the next one."""
-    script = tmp_path / "ids.py"
-    script.write_text(_ID_RUNNER.format(tests=str(Path(__file__).parent), caches=str(caches)))
+    script, overrides = _runner(caches, tmp_path), {"train": {"max_steps": 12, "checkpoint_every": 4}}
     whole = tmp_path / "whole.log"
-    done = subprocess.run([sys.executable, str(script), "fast", str(whole), str(tmp_path / "a")], capture_output=True)
+    done = subprocess.run(_run_args(script, 0, overrides, tmp_path / "a", whole), capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     cut = tmp_path / "cut.log"
     proc = subprocess.Popen(
-        [sys.executable, str(script), "slow", str(cut), str(tmp_path / "b")],
+        _run_args(script, 0.4, overrides, tmp_path / "b", cut),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -445,7 +439,7 @@ def test_killed_run_resumes_mid_epoch_with_the_next_unseen_samples(caches, tmp_p
     assert 4 <= windows < 6  # killed inside the first epoch
     trained_before = cut.read_text().splitlines()[: windows * 4]
     cut.write_text("")
-    again = subprocess.run([sys.executable, str(script), "fast", str(cut), str(tmp_path / "b")], capture_output=True)
+    again = subprocess.run(_run_args(script, 0, overrides, tmp_path / "b", cut), capture_output=True)
     assert again.returncode == 0, again.stderr.decode()[-3000:]
     resumed = trained_before + cut.read_text().splitlines()
     uninterrupted = whole.read_text().splitlines()

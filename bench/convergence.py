@@ -165,15 +165,16 @@ def plot(runs: list[dict[str, Any]], baseline: dict[str, float], path: Path) -> 
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     names = sorted({(r["recipe"], r["steps"]) for r in runs})
-    longest = max(steps for _, steps in names)
-    colors = plt.get_cmap("tab20").colors
-    for i, key in enumerate(names):
-        style = "-" if key[1] == longest else ":"
+    seeds = {key: sum((r["recipe"], r["steps"]) == key for r in runs) for key in names}
+    strong, pale = iter(plt.get_cmap("tab10").colors), iter(plt.get_cmap("tab20").colors[1::2] * 2)
+    for key in names:
+        several = seeds[key] > 1  # solid, strong colours: the recipes run over several seeds
+        style, color = ("-", next(strong)) if several else (":", next(pale))
         for j, run in enumerate(r for r in runs if (r["recipe"], r["steps"]) == key):
             xs = [p["train_s"] for p in run["curve"]]
             for ax, m in zip(axes, METRICS, strict=True):
                 label = f"{key[0]} ({key[1]} steps)" if j == 0 and m == "lpips" else None
-                ax.plot(xs, [p[m] for p in run["curve"]], style, color=colors[i % len(colors)], label=label)
+                ax.plot(xs, [p[m] for p in run["curve"]], style, color=color, label=label)
     for ax, m in zip(axes, METRICS, strict=True):
         ax.axhline(baseline[m], color="black", linestyle="--", label="bicubic" if m == "lpips" else None)
         ax.set_xlabel("training wall-clock, s (evaluation excluded)")

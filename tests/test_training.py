@@ -360,6 +360,26 @@ def test_checkpoint_rotation_keeps_the_previous_good_one(tmp_path):
     assert resumable_checkpoint(tmp_path) is None
 
 
+def test_a_published_last_checkpoint_is_verifiable_the_moment_it_appears(tmp_path, monkeypatch):
+    """A kill right after `last.ckpt` appears must not leave it unverified (the resume would restart)."""
+    from sdvae.training import checkpoints
+
+    seen: list[str | None] = []
+    real_replace = os.replace
+
+    def replace_and_check(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == "last.ckpt":
+            seen.append(checkpoints.checkpoint_problem(Path(dst)))
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace_and_check)
+    for n in (1, 2):
+        tmp = tmp_path / ".last.ckpt.tmp"
+        tmp.write_bytes(bytes([n]) * 1000)
+        checkpoints.publish_checkpoint(tmp, tmp_path)
+    assert seen == [None, None]
+
+
 def test_truncated_last_checkpoint_falls_back_to_previous(caches, tmp_path, capsys):
     cfg, paths = make(caches, tmp_path, train={"max_steps": 4, "checkpoint_every": 2})
     train(cfg, paths)

@@ -50,8 +50,10 @@ def publish_checkpoint(tmp: Path, directory: Path) -> Path:
     if checkpoint_problem(last, check_hash=False) is None:
         os.replace(last, prev)
         os.replace(_sidecar(last), _sidecar(prev))
-    os.replace(tmp, last)  # a kill before the sidecar lands leaves last.ckpt unverified: prev.ckpt is used
+    # The record lands first, so a `last.ckpt` that exists is already verifiable; a kill between the
+    # two leaves a record without its file, and prev.ckpt is resumed.
     write_json(_sidecar(last), record)
+    os.replace(tmp, last)
     fsync_dir(directory)
     return last
 

@@ -209,7 +209,6 @@ def main() -> None:
     lpips_net = build_lpips()
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result = {k: v for k, v in result.items() if k in ("cpu", "gpu", "convergence")}  # rows of other devices stay
     if args.device == "cuda":
         result["gpu"] = gpu_rows(repeats, lpips_net)
     else:

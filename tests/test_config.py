@@ -12,7 +12,7 @@ def test_committed_params_load():
     cfg = load_config(ROOT / "params.yaml")
     assert isinstance(cfg, Config)
     assert cfg.model.preset == "tiny"
-    assert cfg.train.precision == "32"
+    assert cfg.train.precision == "auto"
     assert cfg.train.betas == (0.5, 0.9)
 
 

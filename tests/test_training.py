@@ -172,10 +172,19 @@ def test_accumulation_equals_large_batch(caches, tmp_path, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * a.abs().max().item() + 1e-9)
 
 
-def test_bf16_mixed_runs(caches, tmp_path):
-    cfg, paths = make(caches, tmp_path, loss={"disc_start": 2}, train={"max_steps": 4, "precision": "bf16-mixed"})
+def test_auto_precision_trains_in_bf16_on_a_native_bf16_cpu_and_records_it(caches, tmp_path, monkeypatch):
+    import mlflow
+
+    from sdvae.training import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    cfg, paths = make(caches, tmp_path, loss={"disc_start": 2}, train={"max_steps": 4, "precision": "auto"})
     result = train(cfg, paths)
-    assert result["windows"] == 4 and result["skipped_steps"] == 0
+    assert result["windows"] == 4 and result["skipped_steps"] == 0 and result["precision"] == "bf16-mixed"
+    run = mlflow.MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
+    assert run.data.params["train.precision"] == "bf16-mixed"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx2"})
+    assert train(cfg, paths)["precision"] == "32"  # another CPU: fp32, and the bf16 checkpoint is not resumed
 
 
 def test_nan_steps_are_skipped_and_counted(caches, tmp_path, monkeypatch):

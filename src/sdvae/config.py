@@ -109,7 +109,7 @@ class TrainConfig:
     warmup_steps: int = num(0, ge=0)
     grad_clip: float = num(1.0, ge=0.0)  # 0 disables clipping
     gan_schedule: Literal["alternate", "both"] = "both"
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    precision: Literal["32", "bf16-mixed", "16-mixed", "auto"] = "32"
     ema: bool = True
     ema_decay: float = num(0.999, gt=0.0, lt=1.0)
     decoder_only: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from sdvae.training.callbacks import (
 )
 from sdvae.training.checkpoints import resumable_checkpoint
 from sdvae.training.module import VAEGANModule
+from sdvae.training.precision import resolve_precision
 from sdvae.training.progress import StepProgressBar
 
 
@@ -130,6 +132,11 @@ def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Tr
 
 def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     """Train (or resume) and write the raw and EMA autoencoders as diffusers folders."""
+    precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+    if precision != cfg.train.precision:
+        print(f"train.precision {cfg.train.precision} -> {precision} on this machine")
+        # the resolved value is what MLflow records and what a checkpoint must match to resume
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     fingerprint = run_fingerprint(cfg, paths)
     resume, run_id, stale = _resume_state(paths, fingerprint)
@@ -177,6 +184,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         "d_steps": module.d_steps,
         "skipped_steps": module.bad_steps,
         "resumed": resume is not None,
+        "precision": precision,
     }
     if trainer.is_global_zero:
         raw = module.autoencoder

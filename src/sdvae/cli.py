@@ -26,6 +26,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from sdvae.models.factory import architecture
+    from sdvae.training.precision import resolve_precision
 
     versions = {}
     for dist in (
@@ -57,6 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         cfg = load_config(args.params)
         arch = architecture(cfg.model, cfg.train.resolution)
         info["config"] = cfg.to_dict()
+        info["train_precision_here"] = resolve_precision(cfg.train.precision, cfg.train.accelerator)
         info["architecture"] = {**arch.__dict__, "downsample_factor": arch.downsample_factor}
     except ConfigError as exc:
         print(f"sdvae: invalid params: {exc}", file=sys.stderr)

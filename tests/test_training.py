@@ -178,13 +178,16 @@ def test_auto_precision_trains_in_bf16_on_a_native_bf16_cpu_and_records_it(cache
     from sdvae.training import precision
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    cfg, paths = make(caches, tmp_path, loss={"disc_start": 2}, train={"max_steps": 4, "precision": "auto"})
+    train_params = {"max_steps": 4, "checkpoint_every": 2, "precision": "auto", "accelerator": "cpu"}
+    cfg, paths = make(caches, tmp_path, loss={"disc_start": 2}, train=train_params)
     result = train(cfg, paths)
     assert result["windows"] == 4 and result["skipped_steps"] == 0 and result["precision"] == "bf16-mixed"
     run = mlflow.MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
     assert run.data.params["train.precision"] == "bf16-mixed"
+    assert train(cfg, paths)["resumed"]  # the same machine resumes its finished run
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx2"})
-    assert train(cfg, paths)["precision"] == "32"  # another CPU: fp32, and the bf16 checkpoint is not resumed
+    again = train(cfg, paths)  # another CPU: fp32, and the bf16 checkpoint is not resumed
+    assert again["precision"] == "32" and not again["resumed"] and again["windows"] == 4
 
 
 def test_nan_steps_are_skipped_and_counted(caches, tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
 """`train.precision: auto`: bf16 autocast where the hardware multiplies bf16 natively, else fp32.
 
-On CPUs with AVX512-BF16 or AMX the tiny CPU default trains about 1.4x faster in bf16 autocast
-with no loss of quality per step (bench/convergence.py, recipe `bf16`); CPUs without them
-emulate bf16 and are slower in it than in fp32, so they keep fp32. CUDA GPUs that support bf16
-(Ampere and later) use it.
+On CPUs with AVX512-BF16 or AMX the tiny CPU default trains 1.3-1.4x faster per window in bf16
+autocast with no loss of quality per window (bench/convergence.py, recipe `bf16`); CPUs without
+them emulate bf16 and run the step at 0.45x (AVX-512) to 0.05x (AVX2) of fp32
+(bench/cpu_precision.py), so they keep fp32. CUDA GPUs that support bf16 (Ampere and later) use
+it. Each process resolves on its own machine: give multi-node runs one kind of machine, or an
+explicit precision.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ goes to the `convergence` entry of metrics/bench.json and the curves to metrics/
 
     python bench/convergence.py --recipes default,logvar_-6 --seeds 0 --steps 400   # after `dvc repro prepare`
     python bench/convergence.py --list
+    python bench/convergence.py --recipes auto_precision --seeds 0,1,2 --loader legacy   # the loader before the fix
+
+`--loader legacy` measures the loader as it was before crops were decoded at their drawn scale
+(each JPEG decoded at the DCT scale of the range's bottom, then resized up to the draw), so the
+two can be compared on the same machine; runs are cached per loader.
 """
 
 from __future__ import annotations
@@ -66,6 +71,32 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the same through `train.precision: auto` (bf16 only where the CPU has it natively): the default
     "auto_precision": {"model.init_logvar": -6.0, "loss.perceptual_weight": 0.25, "train.precision": "auto"},
 }
+
+
+LOADERS = ("current", "legacy")
+
+
+def use_legacy_loader() -> None:
+    """Swap in the loader before the fix: decode at the DCT scale reaching the range's bottom,
+    then `random_crop` resizes that decode (up, for most draws) to the drawn short side."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import sdvae.data.datamodule as dm
+
+    def legacy_crop(data: bytes, resolution: int, short_side: tuple[int, int], generator=None):  # type: ignore[no-untyped-def]
+        lo = max(short_side[0], resolution)
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG":
+                w, h = img.size
+                scale = lo / min(w, h)
+                img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+            arr = np.asarray(img.convert("RGB"))
+        return dm.random_crop(arr, resolution, short_side, generator)
+
+    dm.random_crop_encoded = legacy_crop
 
 
 def recipe_config(base: dict[str, Any], overrides: dict[str, Any], seed: int, steps: int) -> Config:
@@ -144,11 +175,17 @@ def run_one(
     return {"curve": curve.rows, "final": curve.rows[-1], "precision": precision}
 
 
+def run_label(run: dict[str, Any]) -> str:
+    """Recipe name, marked when the run used the legacy loader (runs cached before the loader
+    fix carry no `loader` key: they used it too)."""
+    return run["recipe"] + ("" if run.get("loader", "legacy") == "current" else "/legacy_loader")
+
+
 def summarize(runs: list[dict[str, Any]], baseline: dict[str, float]) -> dict[str, Any]:
     """Mean and spread (max - min) over seeds of the final scores, per recipe and step budget."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["recipe"], run["steps"]), []).append(run)
+        groups.setdefault((run_label(run), run["steps"]), []).append(run)
     out: dict[str, Any] = {}
     for (recipe, steps), group in sorted(groups.items()):
         row: dict[str, Any] = {"seeds": [r["seed"] for r in group], "overrides": group[0]["overrides"]}
@@ -170,13 +207,13 @@ def plot(runs: list[dict[str, Any]], baseline: dict[str, float], path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    names = sorted({(r["recipe"], r["steps"]) for r in runs})
-    seeds = {key: sum((r["recipe"], r["steps"]) == key for r in runs) for key in names}
+    names = sorted({(run_label(r), r["steps"]) for r in runs})
+    seeds = {key: sum((run_label(r), r["steps"]) == key for r in runs) for key in names}
     strong, pale = iter(plt.get_cmap("tab10").colors), iter(plt.get_cmap("tab20").colors[1::2] * 2)
     for key in names:
         several = seeds[key] > 1  # solid, strong colours: the recipes run over several seeds
         style, color = ("-", next(strong)) if several else (":", next(pale))
-        for j, run in enumerate(r for r in runs if (r["recipe"], r["steps"]) == key):
+        for j, run in enumerate(r for r in runs if (run_label(r), r["steps"]) == key):
             xs = [p["train_s"] for p in run["curve"]]
             for ax, m in zip(axes, METRICS, strict=True):
                 label = f"{key[0]} ({key[1]} steps)" if j == 0 and m == "lpips" else None
@@ -208,6 +245,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "metrics/bench.json"))
     parser.add_argument("--plot", default=str(ROOT / "metrics/convergence.png"))
     parser.add_argument("--save-models", default=None, help="folder for each run's EMA model (diffusers)")
+    parser.add_argument("--loader", choices=LOADERS, default="current")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
@@ -215,6 +253,8 @@ def main() -> None:
         return
     import yaml
 
+    if args.loader == "legacy":
+        use_legacy_loader()
     base = yaml.safe_load(Path(args.params).read_text())
     steps = args.steps or base["train"]["max_steps"]
     train_dir, eval_dir, runs_file = Path(args.train), Path(args.eval), Path(args.runs)
@@ -226,12 +266,14 @@ def main() -> None:
             raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
         for seed in (int(s) for s in args.seeds.split(",")):
             key = {"recipe": name, "overrides": RECIPES[name], "seed": seed, "steps": steps, "params": base}
-            if any(all(r.get(k) == v for k, v in key.items()) for r in runs):
+            key["loader"] = args.loader  # runs cached before the loader fix have no key: legacy
+            if any(all(r.get(k, "legacy" if k == "loader" else None) == v for k, v in key.items()) for r in runs):
                 print(f"{name} seed {seed} @ {steps}: cached")
                 continue
             print(f"{name} seed {seed} @ {steps}", flush=True)
             cfg = recipe_config(base, RECIPES[name], seed, steps)
-            save = Path(args.save_models) / f"{name}-seed{seed}-{steps}" if args.save_models else None
+            tag = "" if args.loader == "current" else f"-{args.loader}"
+            save = Path(args.save_models) / f"{name}{tag}-seed{seed}-{steps}" if args.save_models else None
             result = run_one(cfg, train_dir, eval_dir, args.eval_every, lpips_net, save)
             runs.append({**key, **result})
             runs_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Datasets and the LightningDataModule over the litdata cache.
 
 Training images are decoded in the DataLoader workers and cropped fresh on every read: the
-short side is drawn from `data.train_short_side`, then a random `train.resolution` window and
+short side is drawn from `data.train_short_side` (a JPEG is then decoded at the smallest DCT scale
+that reaches it), then a random `train.resolution` window and
 a random left-right flip, so no two epochs see the same crops. Eval images are stored already
 cropped and come back as they are. Batches travel as uint8 (4x less to copy) and become floats
 in [-1, 1] on the device in `on_after_batch_transfer`.
@@ -24,8 +25,8 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader, Subset
 
-from sdvae.data.encoding import decode
-from sdvae.data.images import resize_short_side
+from sdvae.data.encoding import decode, decode_resized, stored_size
+from sdvae.data.images import resize_to, short_side_size
 from sdvae.data.prepare import FORMAT, MANIFEST
 
 
@@ -39,17 +40,34 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def draw_window(
+    width: int, height: int, resolution: int, short_side: tuple[int, int], generator: torch.Generator | None = None
+) -> tuple[tuple[int, int], int, int]:
+    """A random scale and window: ((width, height) to resize to, top, left). The short side is
+    drawn from `short_side` (never below `resolution`), then a `resolution` window inside it."""
+    lo, hi = max(short_side[0], resolution), max(short_side[1], resolution)
+    size = short_side_size(width, height, int(torch.randint(lo, hi + 1, (), generator=generator)))
+    top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator))
+    left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator))
+    return size, top, left
+
+
 def random_crop(
     img: np.ndarray, resolution: int, short_side: tuple[int, int], generator: torch.Generator | None = None
 ) -> np.ndarray:
-    """Resize the short side to a random value in `short_side` (never below `resolution`), then a
-    random `resolution` window."""
-    lo, hi = max(short_side[0], resolution), max(short_side[1], resolution)
-    scaled = resize_short_side(img, int(torch.randint(lo, hi + 1, (), generator=generator)))
-    h, w = scaled.shape[:2]
-    top = int(torch.randint(0, h - resolution + 1, (), generator=generator))
-    left = int(torch.randint(0, w - resolution + 1, (), generator=generator))
-    return scaled[top : top + resolution, left : left + resolution]
+    """A random-scale `resolution` window of a decoded image."""
+    size, top, left = draw_window(img.shape[1], img.shape[0], resolution, short_side, generator)
+    return resize_to(img, size)[top : top + resolution, left : left + resolution]
+
+
+def random_crop_encoded(
+    data: bytes, resolution: int, short_side: tuple[int, int], generator: torch.Generator | None = None
+) -> np.ndarray:
+    """The same draw as `random_crop`, from encoded bytes: the scale is drawn first and the image
+    decoded at the smallest DCT scale that reaches it, so the crop is never upsampled from a
+    reduced decode (only from the stored image itself, when the draw exceeds it)."""
+    size, top, left = draw_window(*stored_size(data), resolution, short_side, generator)
+    return decode_resized(data, size)[top : top + resolution, left : left + resolution]
 
 
 class TrainImages(StreamingDataset):
@@ -73,8 +91,7 @@ class TrainImages(StreamingDataset):
 
     def __getitem__(self, index: Any) -> torch.Tensor | tuple[torch.Tensor, str]:
         sample = super().__getitem__(index)
-        lo = max(self.short_side[0], self.resolution)
-        img = random_crop(decode(sample["image"], draft_short_side=lo), self.resolution, self.short_side)
+        img = random_crop_encoded(sample["image"], self.resolution, self.short_side)
         out = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # a writable copy
         out = out.flip(-1) if torch.rand(()) < 0.5 else out
         # the sample's identity (file and copy), for checking epochs, resumes and DDP splits

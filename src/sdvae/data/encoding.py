@@ -15,7 +15,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from sdvae.data.images import center_crop, load_rgb, resize_short_side
+from sdvae.data.images import center_crop, load_rgb, resize_short_side, resize_to
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -57,12 +57,25 @@ def eval_bytes(data: bytes, min_size: int, max_pixels: int, resolution: int) -> 
     return encode(center_crop(resize_short_side(arr, resolution), resolution), "PNG"), h, w, "png"
 
 
-def decode(data: bytes, draft_short_side: int | None = None) -> np.ndarray:
-    """uint8 HWC RGB. With `draft_short_side`, a JPEG is decoded at the smallest 1/2^k scale whose
-    short side still reaches it (libjpeg's DCT scaling: much faster for large stored images)."""
+def stored_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, read from the header alone."""
     with Image.open(io.BytesIO(data)) as img:
-        if draft_short_side is not None and img.format == "JPEG":
-            w, h = img.size
-            scale = draft_short_side / min(w, h)
-            img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+        return img.size
+
+
+def decode(data: bytes) -> np.ndarray:
+    """uint8 HWC RGB at full resolution."""
+    with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def decode_resized(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """uint8 HWC RGB resized to exactly `size` (width, height).
+
+    A JPEG is decoded at the smallest libjpeg DCT scale (1/2, 1/4, 1/8) whose both sides still
+    reach `size`, so large stored images decode fast, and the resize that follows only ever
+    shrinks: no pixel comes from a decode smaller than the size asked for."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", size)  # PIL keeps both sides >= size (scale = min(W // w, H // h))
+        return resize_to(np.asarray(img.convert("RGB")), size)

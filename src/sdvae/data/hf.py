@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdvae.data.sources import SourceError, content_hash, in_eval_split
+from sdvae.data.common import SourceError, content_hash, in_eval_split
 
 
 def open_dataset(name: str, image_column: str) -> Any:

@@ -88,12 +88,22 @@ def load_rgb(source: str | Path | bytes, min_size: int, max_pixels: int) -> np.n
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """(width, height) of an image of `width` x `height` resized so its shorter side is `short`."""
+    scale = short / min(height, width)
+    return max(short, round(width * scale)), max(short, round(height * scale))
+
+
+def resize_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bicubic resize to `size` (width, height); the one resampling filter of the house."""
+    if (img.shape[1], img.shape[0]) == size:
+        return img
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0))
+
+
 def resize_short_side(img: np.ndarray, short: int) -> np.ndarray:
     """Antialiased resize so the shorter side equals `short`."""
-    h, w = img.shape[:2]
-    scale = short / min(h, w)
-    size = (max(short, round(w * scale)), max(short, round(h * scale)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0))
+    return resize_to(img, short_side_size(img.shape[1], img.shape[0], short))
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:

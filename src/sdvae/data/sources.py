@@ -19,13 +19,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sdvae.data.common import SourceError, content_hash, in_eval_split
+from sdvae.data.hf import record_source
+
+__all__ = ["IMAGE_SUFFIXES", "SourceError", "content_hash", "download_split", "in_eval_split", "iter_source"]
+
 # One rule everywhere (download, prepare, the CLI): these are images; a multi-frame file
 # (animated GIF or WebP, multi-page TIFF) contributes its first frame.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-class SourceError(RuntimeError):
-    """A source spec is malformed or its data cannot be obtained here."""
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,6 @@ def check_available(spec: str) -> None:
         raise SourceError(f"folder source {rest}: no such directory")
 
 
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def in_eval_split(digest: str, fraction: float) -> bool:
-    """Deterministic split by content: the same image always lands on the same side."""
-    return int(digest[:16], 16) / float(1 << 64) < fraction
-
-
 # -- per-kind iterators: yield (file name, raw bytes) ---------------------------------------------------
 def _iter_folder(root: Path) -> Iterator[tuple[str, bytes]]:
     if not root.is_dir():
@@ -235,8 +227,6 @@ def download_split(
     """
     shared = exclude_from is not None and exclude_from == spec
     if parse_source(spec)[0] == "hf":
-        from sdvae.data.hf import record_source
-
         return record_source(spec, out, image_column, max_images, shared, eval_fraction, is_eval)
     images, licenses = out / "images", out / "licenses"
     images.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 # One entry point for set-up and every routine task; needs only python3.11 (with venv/pip) and bash.
 #   bash scripts/dev.sh repro   install everything, then run the whole DVC pipeline (dvc repro)
 #   bash scripts/dev.sh test    install everything, then run the test suite
+#   bash scripts/dev.sh cpu-paths   re-run the tolerance-sensitive tests on every CPU code path this CPU can emulate
 #   bash scripts/dev.sh lint | bench | shell-env
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +20,35 @@ bootstrap() {
   if [ ! -d .git ]; then git init -q; fi
 }
 
+# The kernels other CPUs run, emulated downward: PyTorch's own vectorised kernels (ATen) and
+# oneDNN's convolutions / matmuls each capped at an older instruction set. Tests marked
+# `cpu_paths` (float comparisons) must pass under every one of them.
+cpu_paths() {
+  local flags paths=("ATEN_CPU_CAPABILITY=default" "ATEN_CPU_CAPABILITY=avx2" "ONEDNN_MAX_CPU_ISA=AVX2"
+    "ONEDNN_MAX_CPU_ISA=AVX512_CORE" "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16")
+  flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+  if [[ "$flags" == *amx_bf16* ]]; then paths+=("ONEDNN_MAX_CPU_ISA=AVX512_CORE_AMX"); fi
+  local failed=0 summary=()
+  for path in "${paths[@]}"; do
+    echo "== cpu path: $path"
+    local log rc=0
+    log="$(mktemp)"
+    env "$path" python -m pytest -m cpu_paths -q -p no:cacheprovider "$@" 2>&1 | tee "$log" || rc=$?
+    summary+=("$path: $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -1 | sed 's/=//g; s/^ *//') (exit $rc)")
+    rm -f "$log"
+    if [ "$rc" -ne 0 ]; then failed=1; fi
+  done
+  printf '%s\n' "== cpu paths" "${summary[@]}"
+  return "$failed"
+}
+
 cmd="${1:-help}"; shift || true
 case "$cmd" in
   install) bootstrap ;;
   repro) bootstrap; dvc repro "$@" ;;
   test) bootstrap; python -m pytest "$@" ;;
+  cpu-paths) bootstrap; cpu_paths "$@" ;;
   lint) bootstrap; ruff check . && ruff format --check . ;;
   bench) bootstrap; python bench/run.py "$@" ;;
-  *) sed -n '2,6p' "$0"; exit 2 ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

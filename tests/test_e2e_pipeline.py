@@ -32,6 +32,7 @@ TINY_PARAMS = {
         "log_every": 2,
         "warmup_steps": 1,
         "val_images": 2,
+        "precision": "32",  # never `auto`: its answer depends on the CPU
     },
     "eval": {"resolution": 32, "batch_size": 2, "grid_images": 2},
     "export": {"scaling_images": 8},
@@ -111,9 +112,17 @@ def project(tmp_path_factory, photos):
 def test_repro_writes_metrics_and_a_diffusers_model(project):
     _, repo, env = project
     evals = json.loads((repo / "metrics/eval.json").read_text())
+    headline = {"psnr", "psnr_std", "ssim_gaussian", "ssim_uniform", "lpips", "lpips_std", "rfid", "kid"}
     for part in ("model", "baseline"):
-        assert set(evals[part]) >= {"rfid", "lpips", "lpips_std", "psnr", "ssim"}
-    assert set(evals["beats_baseline"]) == {"lpips", "psnr", "ssim", "rfid"}
+        assert set(evals[part]) >= headline
+    assert set(evals["beats_baseline"]) == {"psnr", "ssim_gaussian", "ssim_uniform", "lpips", "rfid", "kid"}
+    model = evals["models"]["model"]  # the full `sdvae evaluate` result: per-image means with their counts
+    assert model["psnr"]["n"] == evals["eval_images"] == 3 and model["rfid"] == {
+        "value": evals["model"]["rfid"],
+        "n": 3,
+        "reliable": False,
+    }
+    assert model["latents"]["channels"] == 4 and model["sha256"] and evals["models"]["bicubic"]["latents"] is None
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["steps"] == 6 and train["g_steps"] == 6 and train["d_steps"] == 4  # GAN from g_step 2
     assert (repo / "metrics/eval_grid.png").is_file() and (repo / "metrics/train_steps.csv").is_file()
@@ -207,7 +216,8 @@ def test_experiment_push_pull_and_mlflow_server(project):
         assert sorted(float(v) for v in lrs) == sorted([default_lr, new_lr])
         for run in runs:
             keys = {m["key"] for m in run["data"]["metrics"]}
-            assert {"eval/lpips", "eval/rfid", "eval_baseline/lpips", "val/lpips", "train/total_loss"} <= keys
+            assert {"eval/lpips", "eval/rfid", "eval/kid", "eval/ssim_gaussian", "eval_baseline/lpips"} <= keys
+            assert {"val/lpips", "train/total_loss"} <= keys
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

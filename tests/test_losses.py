@@ -7,6 +7,7 @@ from sdvae.config import LossConfig
 from sdvae.losses import VAEGANLoss, adaptive_gan_weight
 from sdvae.models import AutoencoderKL, NLayerDiscriminator
 from tests.conftest import to_tensor
+from tests.cpu_kinds import needs_inductor_vector_isa
 from tests.tolerances import assert_fp32_close
 
 
@@ -17,6 +18,7 @@ def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("learn_logvar", [False, True])
 def test_one_backward_matches_reference_gradients(lpips_net, photos, learn_logvar):
     torch.manual_seed(0)
@@ -57,7 +59,9 @@ def test_one_backward_matches_reference_gradients(lpips_net, photos, learn_logva
         assert_fp32_close(a, b, f"gradient {i}", scale_floor=floor)
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.slow
+@needs_inductor_vector_isa
 def test_compiled_networks_give_eager_gradients(lpips_net, photos):
     """Every kernel-changing option is checked against fp32 eager before it may be a default:
     train.compile's gradients (encoder, decoder trunk, discriminator, LPIPS all compiled) match

@@ -33,6 +33,7 @@ def test_preset_parameter_counts():
     assert count_parameters(AutoencoderKL.from_preset("ldm-kl-f4")) == 55_312_063
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize(("preset", "overrides"), [("tiny", {}), ("sd-f8c4", REDUCED_SD)])
 def test_diffusers_round_trip_both_ways(tmp_path, preset, overrides):
     torch.manual_seed(0)
@@ -80,6 +81,7 @@ def test_ldm_checkpoint_with_loss_keys_via_torch_load(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True))
 
 
+@pytest.mark.cpu_paths
 def test_sliced_equals_unsliced():
     torch.manual_seed(0)
     model = AutoencoderKL.from_preset("tiny").eval()
@@ -91,6 +93,7 @@ def test_sliced_equals_unsliced():
     assert_fp32_close(sliced, full, "batch 2 slices vs batch 5")  # other batch sizes pick other kernels
 
 
+@pytest.mark.cpu_paths
 def test_tile_blending_is_exact_for_local_maps():
     x = torch.rand(1, 3, 96, 160)
     down = tiled_apply(lambda t: F.avg_pool2d(t, 8), x, 32, 0.25, 1 / 8, 8)
@@ -118,6 +121,7 @@ def test_encode_requires_multiple_of_factor():
         model.encode(torch.zeros(1, 3, 30, 32))
 
 
+@pytest.mark.cpu_paths
 def test_latent_api_scaling_and_shift():
     torch.manual_seed(0)
     model = AutoencoderKL.from_preset("tiny", scaling_factor=0.5, shift_factor=0.1).eval()
@@ -128,6 +132,7 @@ def test_latent_api_scaling_and_shift():
         assert_fp32_close(model.decode_from_latent(lat), model.decode(model.encode(x).mode()), "decoded latent")
 
 
+@pytest.mark.cpu_paths
 def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(0)
     model = AutoencoderKL.from_preset("tiny").train()

@@ -47,6 +47,7 @@ def test_restricted_unpickler_refuses_code():
     assert arr["a"].tolist() == [0, 1, 2]
 
 
+@pytest.mark.cpu_paths
 def test_lpips_identity_noise_monotone_and_gradients(lpips_net, photo):
     x = to_tensor(photo, 128)
     assert lpips_net(x, x).item() == 0.0
@@ -59,6 +60,7 @@ def test_lpips_identity_noise_monotone_and_gradients(lpips_net, photo):
     assert y.grad is not None and y.grad.abs().sum() > 0
 
 
+@pytest.mark.cpu_paths
 def test_lpips_jpeg_quality_10_in_expected_range(lpips_net, photo):
     img = Image.fromarray(photo).resize((256, 256), Image.BICUBIC)
     buf = io.BytesIO()
@@ -68,6 +70,7 @@ def test_lpips_jpeg_quality_10_in_expected_range(lpips_net, photo):
     assert 0.3 <= score <= 0.5, score
 
 
+@pytest.mark.cpu_paths
 def test_inception_features_match_torchscript(photos):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 

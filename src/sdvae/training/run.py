@@ -30,8 +30,9 @@ from sdvae.training.callbacks import (
     write_history,
 )
 from sdvae.training.checkpoints import resumable_checkpoint
+from sdvae.training.compiling import check_compile_supported
 from sdvae.training.module import VAEGANModule
-from sdvae.training.precision import resolve_precision
+from sdvae.training.precision import resolve_precision, uses_cuda
 from sdvae.training.progress import StepProgressBar
 
 
@@ -137,6 +138,8 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         print(f"train.precision {cfg.train.precision} -> {precision} on this machine")
         # the resolved value is what MLflow records and what a checkpoint must match to resume
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    if cfg.train.compile:
+        check_compile_supported(uses_cuda(cfg.train.accelerator))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     fingerprint = run_fingerprint(cfg, paths)
     resume, run_id, stale = _resume_state(paths, fingerprint)

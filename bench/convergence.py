@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from legacy_loader import use_legacy_loader
 from sdvae.baseline import bicubic_roundtrip
 from sdvae.config import Config, config_from_dict
 from sdvae.data.datamodule import ImageDataModule, eval_batches
@@ -74,29 +75,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 LOADERS = ("current", "legacy")
-
-
-def use_legacy_loader() -> None:
-    """Swap in the loader before the fix: decode at the DCT scale reaching the range's bottom,
-    then `random_crop` resizes that decode (up, for most draws) to the drawn short side."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    import sdvae.data.datamodule as dm
-
-    def legacy_crop(data: bytes, resolution: int, short_side: tuple[int, int], generator=None):  # type: ignore[no-untyped-def]
-        lo = max(short_side[0], resolution)
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG":
-                w, h = img.size
-                scale = lo / min(w, h)
-                img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
-            arr = np.asarray(img.convert("RGB"))
-        return dm.random_crop(arr, resolution, short_side, generator)
-
-    dm.random_crop_encoded = legacy_crop
 
 
 def recipe_config(base: dict[str, Any], overrides: dict[str, Any], seed: int, steps: int) -> Config:
@@ -254,7 +232,7 @@ def main() -> None:
     import yaml
 
     if args.loader == "legacy":
-        use_legacy_loader()
+        use_legacy_loader()  # bench/legacy_loader.py
     base = yaml.safe_load(Path(args.params).read_text())
     steps = args.steps or base["train"]["max_steps"]
     train_dir, eval_dir, runs_file = Path(args.train), Path(args.eval), Path(args.runs)

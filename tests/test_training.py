@@ -122,6 +122,9 @@ def test_disc_and_lpips_start_exactly_on_time_and_mlflow_contents(caches, tmp_pa
     assert {"train/total_loss", "train/logits_real", "train/d_weight", "val/lpips", "val/psnr"} <= set(run.data.metrics)
     artifacts = [a.path for a in mlflow.MlflowClient(result["tracking_uri"]).list_artifacts(run.info.run_id, "grids")]
     assert artifacts and artifacts[0].endswith(".png")
+    # MLflow 3's UI opens the experiment as model training (runs and charts), not in its GenAI view
+    experiment = mlflow.MlflowClient(result["tracking_uri"]).get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_alternate_schedule_trains_d_on_odd_windows(caches, tmp_path):

@@ -1,4 +1,4 @@
-"""`sdvae` command: info, compare, reconstruct, encode, decode."""
+"""`sdvae` command: info, compare, reconstruct, encode, decode, evaluate."""
 
 from __future__ import annotations
 
@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device and the resolved config")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.set_defaults(func=cmd_info)
-    from sdvae import cli_images
+    from sdvae import cli_evaluate, cli_images
 
     cli_images.register(sub)
+    cli_evaluate.register(sub)
     return parser
 
 

@@ -1,12 +1,13 @@
-"""Streaming reconstruction metrics with constant memory: rFID, LPIPS (mean, std), PSNR, SSIM.
+"""Validation metrics during training: LPIPS (mean, std), PSNR, SSIM, L1; optional rFID.
 
-Inputs are in [-1, 1]. Every metric is a torchmetrics object, so state syncs across DDP ranks
+A quick signal on a few eval images, logged as `val/*`: PSNR here is torchmetrics' default (one
+PSNR of the MSE pooled over all images) and SSIM its Gaussian window on float reconstructions.
+The published, per-image protocol on 8-bit images is `sdvae.scoring` (`sdvae evaluate`, the
+evaluate stage). Inputs are in [-1, 1]. Every metric is a torchmetrics object, so state syncs across DDP ranks
 and nothing holds more than running sums (FID keeps 2048x2048 covariance sums).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -63,55 +64,3 @@ class ReconstructionMetrics(nn.Module):
             enough = int(self.fid.real_features_num_samples) >= 2 and int(self.fid.fake_features_num_samples) >= 2
             out["rfid"] = float(self.fid.compute()) if enough else None
         return out
-
-
-LOWER_IS_BETTER = ("lpips", "rfid")
-HIGHER_IS_BETTER = ("psnr", "ssim")
-
-
-def beats_baseline(model: dict[str, float | None], baseline: dict[str, float | None]) -> dict[str, bool | None]:
-    """One flag per metric: does the model score better than the baseline (None where undefined)."""
-    flags: dict[str, bool | None] = {}
-    for key in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER):
-        a, b = model.get(key), baseline.get(key)
-        if a is None or b is None:
-            flags[key] = None
-        else:
-            flags[key] = a < b if key in LOWER_IS_BETTER else a > b
-    return flags
-
-
-def evaluate_with_baseline(
-    model: torch.nn.Module,
-    loader: Iterable[torch.Tensor],
-    lpips_net: nn.Module,
-    fid_factory: Callable[[], Metric],
-    device: torch.device | str,
-    grid_images: int = 8,
-) -> tuple[dict[str, dict[str, float]], list[torch.Tensor]]:
-    """Score the model and the bicubic baseline on the same batches in one pass.
-
-    Returns ({"model": ..., "baseline": ...}, [inputs, reconstructions, baseline] for a grid).
-    """
-    from sdvae.baseline import bicubic_roundtrip
-
-    f, c = model.downsample_factor, model.config.latent_channels
-    ours = ReconstructionMetrics(lpips_net, fid_factory()).to(device)
-    base = ReconstructionMetrics(lpips_net, fid_factory()).to(device)
-    grid: list[list[torch.Tensor]] = [[], [], []]
-    shown = 0
-    model = model.to(device).eval()
-    for x in loader:
-        x = x.to(device)
-        with torch.no_grad():
-            rec = model.reconstruct(x).clamp(-1, 1)
-            bic = bicubic_roundtrip(x, f, c)
-        ours.update(x, rec)
-        base.update(x, bic)
-        if shown < grid_images:
-            take = grid_images - shown
-            for row, t in zip(grid, (x, rec, bic), strict=True):
-                row.append(t[:take].cpu())
-            shown += min(take, x.shape[0])
-    rows = [torch.cat(r) for r in grid]
-    return {"model": ours.compute(), "baseline": base.compute()}, rows

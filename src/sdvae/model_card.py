@@ -9,7 +9,7 @@ from sdvae.models.autoencoder_kl import AutoencoderKL, count_parameters
 
 
 def _table(scores: dict[str, Any]) -> str:
-    keys = ("rfid", "lpips", "lpips_std", "psnr", "ssim")
+    keys = ("psnr", "ssim_gaussian", "ssim_uniform", "lpips", "rfid", "kid")
     lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name in ("model", "baseline"):
         row = scores.get(name, {})
@@ -45,9 +45,11 @@ A KL-regularised autoencoder (the first stage of latent diffusion) trained as a 
   latent_channels {cfg.latent_channels}, norm_num_groups {cfg.norm_num_groups},
   mid-block attention {cfg.mid_block_add_attention}; downsampling factor {model.downsample_factor}
 - {count_parameters(model):,} parameters
-- scaling_factor {cfg.scaling_factor:.6g} (1/std of posterior samples over {stats.get("images", "?")} training crops;
+- scaling_factor {cfg.scaling_factor:.6g}, shift_factor {cfg.shift_factor}
+  ({stats.get("factor_source", "from the preset")});
+  measured on {stats.get("images", "?")} training crops: 1/std {stats.get("scaling_factor", "n/a")},
   per-channel mean {[round(v, 4) for v in stats.get("channel_mean", [])]},
-  std {[round(v, 4) for v in stats.get("channel_std", [])]})
+  std {[round(v, 4) for v in stats.get("channel_std", [])]}
 
 ## Training data
 {json.dumps(sources, indent=2)}
@@ -58,8 +60,10 @@ Licenses of the source images are in `licenses/`: {", ".join(licenses) or "none 
 {scores.get("weights", "?")} weights)
 {_table(scores)}
 
-The baseline is bicubic downscaling to as many values as the latent holds, then bicubic upscaling.
-rFID on a few dozen images is a noisy, biased estimate: compare runs on the same set only.
+Per-image means (`sdvae evaluate`'s protocol: PSNR on [0, 1], SSIM with the Gaussian and the
+uniform 7x7 window, LPIPS-VGG, on 8-bit reconstructions). The baseline is bicubic downscaling to
+as many values as the latent holds, then bicubic upscaling. rFID below 2048 images is strongly
+biased: compare runs on the same set only; KID is unbiased at small N.
 
 ## Use with diffusers
 ```python

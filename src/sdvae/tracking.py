@@ -20,6 +20,18 @@ def store_lock(uri: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
+# MLflow 3's UI opens an experiment by this tag: without it, one of our experiments opened in the
+# GenAI view (traces, "Evaluation runs", judges) instead of the runs table and their charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment as model training, unless someone chose its kind already."""
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def training_run(run_file: str | Path = "models/train/run.json") -> tuple[MlflowClient, str]:
     info = json.loads(Path(run_file).read_text())
     return MlflowClient(tracking_uri=info["tracking_uri"]), info["run_id"]

@@ -7,6 +7,7 @@ between the two layouts both ways, exactly.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -133,9 +134,29 @@ def ours_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.
     return out
 
 
-def load_ldm(path: str | Path, norm_num_groups: int = 32, **config_overrides: object) -> AutoencoderKL:
+# What tensor shapes cannot tell, kept in the safetensors header of the files we write (others:
+# every SD-family VAE uses 32 groups and states its scaling factor elsewhere).
+_CONFIG_METADATA = "sdvae_config"
+_KEPT = ("norm_num_groups", "scaling_factor", "shift_factor")
+
+
+def _stored_config(path: Path) -> dict[str, object]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get(_CONFIG_METADATA)
+    stored = json.loads(raw) if raw else {}
+    return {k: stored[k] for k in _KEPT if k in stored}
+
+
+def load_ldm(path: str | Path, norm_num_groups: int | None = None, **config_overrides: object) -> AutoencoderKL:
     state = read_ldm_state(path)
-    cfg = infer_config(state, norm_num_groups).replace(**config_overrides)
+    stored = _stored_config(Path(path))
+    stored_groups = stored.pop("norm_num_groups", 32)
+    groups = norm_num_groups or int(stored_groups)  # type: ignore[call-overload]
+    cfg = infer_config(state, groups).replace(**{**stored, **config_overrides})
     model = AutoencoderKL(cfg)
     model.load_state_dict(ldm_to_ours(state, len(cfg.block_out_channels)), strict=True)
     return model
@@ -145,6 +166,8 @@ def save_ldm(model: AutoencoderKL, path: str | Path, prefix: str = "") -> Path:
     """Write an LDM-layout safetensors checkpoint (optionally `first_stage_model.`-prefixed)."""
     levels = len(model.config.block_out_channels)
     state = ours_to_ldm({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, levels)
+    kept = {k: getattr(model.config, k) for k in _KEPT}
+    metadata = {"format": "pt", _CONFIG_METADATA: json.dumps(kept)}
     with atomic_path(path) as tmp:
-        save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(tmp))
+        save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return Path(path)

@@ -21,7 +21,7 @@ from sdvae.formats.diffusers import load_diffusers, save_diffusers
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder
-from sdvae.tracking import store_lock
+from sdvae.tracking import mark_model_training, store_lock
 from sdvae.training.callbacks import (
     AtomicLastCheckpoint,
     ClosesResumedEpoch,
@@ -95,6 +95,7 @@ class RunBookkeeping(L.Callback):
             self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
             if self.new_run:
                 self.logger.log_hyperparams(self.cfg.flat())
+                mark_model_training(self.logger.experiment, self.logger.experiment_id)
             record = {
                 "fingerprint": self.fingerprint,
                 "run_id": self.logger.run_id,

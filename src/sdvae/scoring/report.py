@@ -1,0 +1,83 @@
+"""What a scoring run shows: a markdown table, a labelled grid, the JSON, and flat metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sdvae.imagefiles import save_rows
+from sdvae.io import write_json
+
+HEADLINE = ("psnr", "ssim_gaussian", "ssim_uniform", "lpips")
+LOWER_IS_BETTER = ("lpips", "rfid", "kid")
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """One row per model: mean ± std of the per-image metrics, rFID (flagged below 2048 images), KID."""
+    lines = [
+        "| model | PSNR | SSIM (Gaussian) | SSIM (uniform 7x7) | LPIPS | rFID | KID x1000 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, m in result["models"].items():
+        cells = [f"{_cell(m[k]['mean'], 4 if k != 'psnr' else 2)} ± {_cell(m[k]['std'], 3)}" for k in HEADLINE]
+        rfid = m["rfid"]
+        fid = _cell(rfid["value"], 2) + ("" if rfid["reliable"] else f" (N={rfid['n']}, unreliable)")
+        kid = m["kid"]
+        kid_cell = "n/a" if kid["mean"] is None else f"{1000 * kid['mean']:.2f} ± {1000 * kid['std']:.2f}"
+        lines.append(f"| {label} | " + " | ".join([*cells, fid, kid_cell]) + " |")
+    lines.append(
+        f"\n{result['images']} images at {result['protocol']['resolution']} px from {result['protocol']['source']}, "
+        f"{len(result['skipped'])} skipped; {result['images_per_s']} images/s on {result['device']} "
+        f"(processes: {result['processes']})"
+    )
+    return "\n".join(lines)
+
+
+def flat_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """Scalars for MLflow / DVC: psnr, ssim_gaussian, ssim_uniform, lpips (means), their stds, rfid, kid."""
+    out: dict[str, float] = {}
+    for key in HEADLINE:
+        if entry[key]["mean"] is not None:
+            out[key] = entry[key]["mean"]
+            out[f"{key}_std"] = entry[key]["std"]
+    if entry["rfid"]["value"] is not None:
+        out["rfid"] = entry["rfid"]["value"]
+    if entry["kid"]["mean"] is not None:
+        out["kid"] = entry["kid"]["mean"]
+    return out
+
+
+def better_than(model: dict[str, float], baseline: dict[str, float]) -> dict[str, bool | None]:
+    """Per headline metric: does `model` beat `baseline` (None where either is undefined)."""
+    flags: dict[str, bool | None] = {}
+    for key in (*HEADLINE, "rfid", "kid"):
+        a, b = model.get(key), baseline.get(key)
+        flags[key] = None if a is None or b is None else (a < b if key in LOWER_IS_BETTER else a > b)
+    return flags
+
+
+def save_grid(result: dict[str, Any], path: str | Path) -> Path | None:
+    """Originals on top, then one labelled row per model."""
+    rows = result.get("grid") or []
+    if not rows:
+        return None
+    labels = ["input", *result["models"]]
+    to_range = [r.float().div(127.5).sub(1.0) for r in rows]
+    caption = f"{result['images']} images at {result['protocol']['resolution']} px | " + " | ".join(
+        f"{label}: PSNR {m['psnr']['mean']:.2f} LPIPS {m['lpips']['mean']:.3f}" for label, m in result["models"].items()
+    )
+    return save_rows(to_range, Path(path), labels=[_short(label) for label in labels], caption=caption)
+
+
+def _short(label: str, width: int = 28) -> str:
+    return label if len(label) <= width else "..." + label[-(width - 3) :]
+
+
+def write_result(result: dict[str, Any], path: str | Path) -> Path:
+    """The JSON, without the grid's tensors."""
+    write_json(path, {k: v for k, v in result.items() if k != "grid"})
+    return Path(path)

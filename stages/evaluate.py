@@ -9,7 +9,7 @@ from sdvae.config import load_config
 from sdvae.io import write_json
 from sdvae.scoring.report import better_than, flat_metrics, save_grid
 from sdvae.scoring.run import ScoreOptions, score_models
-from sdvae.tracking import log_metrics, training_run
+from sdvae.tracking import log_metrics, training_run, ui_link
 
 EVAL_CACHE = "data/cache/eval"
 
@@ -42,6 +42,8 @@ def main() -> None:
         client.log_artifact(run_id, str(grid), artifact_path="eval")
     client.log_artifact(run_id, "metrics/eval.json", artifact_path="eval")
     print(summary)
+    experiment = client.get_run(run_id).info.experiment_id
+    print(f"mlflow ui --backend-store-uri {client.tracking_uri}, then open {ui_link(experiment, run_id)}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from sdvae.data.datamodule import TrainImages, read_manifest, to_model_range
 from sdvae.formats.diffusers import load_diffusers, save_diffusers
 from sdvae.io import write_json
 from sdvae.model_card import render_model_card
-from sdvae.scaling import latent_statistics
+from sdvae.scaling import latent_statistics, shipped_factors
 from sdvae.tracking import register_folder, training_run
 
 
@@ -31,7 +31,9 @@ def main() -> None:
         pick = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.data.seed))[: x.scaling_images]
         loader = (to_model_range(b) for b in DataLoader(Subset(train, pick.tolist()), batch_size=cfg.eval.batch_size))
         stats = latent_statistics(model, loader, seed=cfg.data.seed)
-        model.config = model.config.replace(scaling_factor=float(stats["scaling_factor"]))
+    encoder_trained = not (cfg.train.decoder_only and cfg.train.init_from)
+    model.config, factor_note = shipped_factors(model.config, stats, encoder_trained)
+    stats["factor_source"] = factor_note
     scores = json.loads(Path("metrics/eval.json").read_text())
     sources = {s: json.loads(Path(f"data/raw/{s}/source.json").read_text()) for s in ("train", "eval")}
     licenses = sorted({p.name for s in ("train", "eval") for p in Path(f"data/raw/{s}/licenses").glob("*")})
@@ -44,7 +46,13 @@ def main() -> None:
         for lic in Path(f"data/raw/{s}/licenses").glob("*"):
             (out / "licenses").mkdir(exist_ok=True)
             shutil.copy(lic, out / "licenses" / lic.name)
-    result = {"dir": str(out), "scaling_factor": model.config.scaling_factor, "latent_stats": stats}
+    result = {
+        "dir": str(out),
+        "scaling_factor": model.config.scaling_factor,
+        "shift_factor": model.config.shift_factor,
+        "scaling_factor_source": factor_note,
+        "latent_stats": stats,
+    }
     if x.register_model:
         result["registered_version"] = register_folder(client, run_id, out, "vae", x.model_name)
         result["registered_name"] = x.model_name

@@ -249,3 +249,80 @@ def test_exports_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
     assert stat.S_IMODE((tmp_path / "vae").stat().st_mode) == dir_mode
     for p in [*(tmp_path / "vae").iterdir(), tmp_path / "v.ckpt"]:
         assert stat.S_IMODE(p.stat().st_mode) == file_mode, p
+
+
+# The published vae/config.json of each family (stabilityai/sdxl-vae, stable-diffusion-3-medium,
+# black-forest-labs/FLUX.1): what a user's downloaded folder says, typed out independently.
+PUBLISHED = {
+    "sdxl-f8c4": {"latent_channels": 4, "scaling_factor": 0.13025, "sample_size": 1024, "force_upcast": True},
+    "sd3-f8c16": {
+        "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+        "scaling_factor": 1.5305, "shift_factor": 0.0609, "sample_size": 1024, "force_upcast": True,
+    },
+    "flux-f8c16": {
+        "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+        "scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024, "force_upcast": True,
+    },
+}  # fmt: skip
+SD_LAYOUT = {
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_family_presets_equal_the_published_diffusers_configs(preset):
+    published = {**SD_LAYOUT, **PUBLISHED[preset]}
+    theirs = diffusers.AutoencoderKL(**published)
+    ours = AutoencoderKL.from_preset(preset)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()
+    }
+    assert count_parameters(ours) == count_parameters(theirs)
+    for key, value in PUBLISHED[preset].items():
+        assert getattr(ours.config, key) == value, key
+        assert theirs.config[key] == value, key
+
+
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_family_presets_forward_bit_identical_to_diffusers(tmp_path, preset):
+    """At reduced widths (the rest of the preset as published), through diffusers' own loader."""
+    torch.manual_seed(0)
+    ours = AutoencoderKL.from_preset(preset, **REDUCED_SD).eval()
+    save_diffusers(ours, tmp_path / "ours")
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "ours").eval()
+    assert theirs.config.latent_channels == PUBLISHED[preset]["latent_channels"]
+    assert theirs.config.shift_factor == PUBLISHED[preset].get("shift_factor")
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(ours(x, sample_posterior=False)[0], theirs(x).sample)
+
+
+def test_a_decoder_only_fine_tune_ships_the_latent_factors_it_started_from():
+    from sdvae.scaling import shipped_factors
+
+    flux = AutoencoderKL.from_preset("flux-f8c16").config
+    stats = {"scaling_factor": 2.5, "images": 64}
+    kept, why = shipped_factors(flux, stats, encoder_trained=False)
+    assert (kept.scaling_factor, kept.shift_factor) == (0.3611, 0.1159) and "decoder-only" in why
+    fresh, why = shipped_factors(flux, stats, encoder_trained=True)
+    assert fresh.scaling_factor == 2.5 and "computed" in why
+
+
+def test_diffusers_spelling_from_pretrained_and_save_pretrained(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny").eval()
+    folder = model.save_pretrained(tmp_path / "vae")
+    assert diffusers.AutoencoderKL.from_pretrained(folder).config.latent_channels == 4
+    back = AutoencoderKL.from_pretrained(tmp_path, subfolder="vae")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True))
+    # importing the models does not import the file formats (one-way imports)
+    code = "import sys, sdvae.models; assert 'sdvae.formats' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -77,10 +77,11 @@ def test_lpips_with_cached_reference_features_equals_the_lpips_package(lpips_net
     torch.testing.assert_close(ref.distances(y), lpips_net(x, y).flatten(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.cpu_paths
 @pytest.mark.slow
 def test_fid_and_kid_equal_torch_fidelity_on_the_same_png_folders(tmp_path, photos):
-    """Our streaming sums and KID estimator against torch-fidelity reading the two PNG folders."""
+    """Our streaming sums and KID estimator against torch-fidelity reading the two PNG folders.
+    Not in the CPU-path matrix: both sides run the same Inception kernels in one process, and
+    1e-3 of FID is far above what kernel order moves features by (1e-6)."""
     import torch_fidelity
 
     from sdvae.metrics import inception_weights

@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: Literal["tiny", "sd-f8c4", "ldm-kl-f4"] = "tiny"
+    preset: Literal["tiny", "sd-f8c4", "ldm-kl-f4", "sdxl-f8c4", "sd3-f8c16", "flux-f8c16"] = "tiny"
     block_out_channels: tuple[int, ...] | None = None
     layers_per_block: int | None = num(None, ge=1)
     latent_channels: int | None = num(None, ge=1)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sdvae.models.autoencoder_kl import AutoencoderKL
+from sdvae.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 
 
 @torch.no_grad()
@@ -49,3 +49,17 @@ def latent_statistics(
         "channel_mean": ch_mean.tolist(),
         "channel_std": ch_std.tolist(),
     }
+
+
+def shipped_factors(
+    config: AutoencoderKLConfig, stats: dict[str, object], encoder_trained: bool
+) -> tuple[AutoencoderKLConfig, str]:
+    """The config to ship and why. A decoder-only fine-tune keeps the encoder, so the latent space
+    the diffusion model was trained on, and with it the model's own `scaling_factor` and
+    `shift_factor`: recomputing them on a small domain set would silently break that diffusion
+    model. Otherwise the factor measured on the training crops replaces the preset's."""
+    if not encoder_trained:
+        return config, "kept: decoder-only fine-tune, the encoder and its latent space are unchanged"
+    if not stats:
+        return config, "kept: export.compute_scaling_factor is false"
+    return config.replace(scaling_factor=float(stats["scaling_factor"])), "computed: 1/std of posterior samples"

@@ -20,10 +20,20 @@ def store_lock(uri: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-# MLflow 3's UI opens an experiment by this tag: without it, one of our experiments opened in the
-# GenAI view (traces, "Evaluation runs", judges) instead of the runs table and their charts.
+# MLflow 3.17's UI opens every experiment in its GenAI view (traces, "Evaluation runs", judges)
+# unless the page's `workflowType` query parameter, or the GenAI / Model training switch it
+# remembers in the browser, says otherwise (seen in headless Chromium: the experiment tag below is
+# read only where that switch is disabled). So links we print carry the parameter, and the tag
+# covers UIs that read it.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """The `mlflow ui` page of an experiment (or run) in the model-training view."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?{UI_MODEL_TRAINING}"
 
 
 def mark_model_training(client: MlflowClient, experiment_id: str) -> None:

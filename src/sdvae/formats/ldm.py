@@ -81,10 +81,31 @@ def _invert(key: str, levels: int) -> str:
     raise KeyError(f"unrecognised autoencoder key {key!r}")
 
 
+VAE_PREFIXES = ("first_stage_model.", "vae.")  # a whole SD/SDXL/SD3 checkpoint; some tools' VAE files
+
+
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if any(k.startswith("first_stage_model.") for k in state):
-        return {k[len("first_stage_model.") :]: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    """The autoencoder's tensors, whatever else the file holds (UNet, text encoders, loss)."""
+    for prefix in VAE_PREFIXES:
+        if any(k.startswith(prefix + "encoder.") for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
+
+
+class NotAnAutoencoder(ValueError):
+    """A checkpoint without an LDM-layout autoencoder; the message names what it holds."""
+
+
+def _check_layout(path: Path, state: dict[str, torch.Tensor]) -> None:
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+        raise NotAnAutoencoder(f"{path}: diffusers-layout VAE weights; load the folder with its config.json instead")
+    if "encoder.down.0.block.0.conv1.weight" in state and "decoder.conv_in.weight" in state:
+        return
+    heads = sorted({k.split(".")[0] for k in state})[:8]
+    raise NotAnAutoencoder(
+        f"{path}: no LDM autoencoder (encoder.* / decoder.*, bare or under {' or '.join(VAE_PREFIXES)}); "
+        f"found {len(state)} tensors under {heads}"
+    )
 
 
 def read_ldm_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -95,7 +116,9 @@ def read_ldm_state(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
-    return _strip_prefix({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    vae = _strip_prefix({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    _check_layout(path, vae)
+    return vae
 
 
 def infer_config(state: dict[str, torch.Tensor], norm_num_groups: int = 32) -> AutoencoderKLConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,26 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
     "sd-f8c4": AutoencoderKLConfig(),
     # CompVis configs/autoencoder/autoencoder_kl_64x64x3.yaml (kl-f4): 55,312,063 parameters.
     "ldm-kl-f4": AutoencoderKLConfig(block_out_channels=(128, 256, 512), latent_channels=3),
+    # The published diffusers configs of the VAEs diffusion models use today (their vae/config.json):
+    # SDXL: SD's layout, its own latent scale; decodes in fp16 only after its fp16-fix fine-tune.
+    "sdxl-f8c4": AutoencoderKLConfig(scaling_factor=0.13025, sample_size=1024, force_upcast=True),
+    # SD3 and FLUX.1: 16 latent channels, no quant convs, a shift as well as a scale.
+    "sd3-f8c16": AutoencoderKLConfig(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        sample_size=1024,
+    ),
+    "flux-f8c16": AutoencoderKLConfig(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        sample_size=1024,
+    ),
 }
 
 
@@ -143,6 +164,21 @@ class AutoencoderKL(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
         return cls(PRESETS[name], **overrides)
+
+    # diffusers' spelling, for users' first line. Files are `sdvae.formats`' business: imported
+    # when called, so importing the models never imports the formats (imports run one way).
+    @classmethod
+    def from_pretrained(cls, path: str | Path, subfolder: str | None = None) -> AutoencoderKL:
+        """A diffusers folder (or pipeline folder with vae/), or an LDM/SD single file."""
+        from sdvae.formats import load_any
+
+        return load_any(Path(path) / subfolder if subfolder else path)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """A diffusers folder that `diffusers.AutoencoderKL.from_pretrained` loads."""
+        from sdvae.formats import save_diffusers
+
+        return save_diffusers(self, path)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         for m in self.modules():

@@ -17,10 +17,11 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from sdvae.config import Config, TrackingConfig
 from sdvae.data.datamodule import ImageDataModule
-from sdvae.formats.diffusers import load_diffusers, save_diffusers
+from sdvae.formats import load_any
+from sdvae.formats.diffusers import save_diffusers
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
-from sdvae.models.factory import build_autoencoder
+from sdvae.models.factory import build_autoencoder, with_family_factors
 from sdvae.tracking import mark_model_training, store_lock
 from sdvae.training.callbacks import (
     AtomicLastCheckpoint,
@@ -144,8 +145,10 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     fingerprint = run_fingerprint(cfg, paths)
     resume, run_id, stale = _resume_state(paths, fingerprint)
-    if cfg.train.init_from:
-        autoencoder = load_diffusers(cfg.train.init_from)
+    if cfg.train.init_from:  # a diffusers folder (with its config), or a single LDM/SD/FLUX file
+        autoencoder = load_any(cfg.train.init_from)
+        if Path(cfg.train.init_from).is_file():
+            autoencoder.config = with_family_factors(autoencoder.config, cfg.model, cfg.train.init_from)
         autoencoder.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
     else:
         autoencoder = build_autoencoder(cfg.model, cfg.train.resolution)

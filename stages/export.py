@@ -39,7 +39,14 @@ def main() -> None:
     licenses = sorted({p.name for s in ("train", "eval") for p in Path(f"data/raw/{s}/licenses").glob("*")})
     client, run_id = training_run()
     card = render_model_card(
-        model, params=cfg.to_dict(), sources=sources, licenses=licenses, scores=scores, stats=stats, run_id=run_id
+        model,
+        params=cfg.to_dict(),
+        sources=sources,
+        licenses=licenses,
+        scores=scores,
+        stats=stats,
+        run_id=run_id,
+        run_tags=client.get_run(run_id).data.tags,
     )
     out = save_diffusers(model, x.dir, extra_files={"README.md": card})
     for s in ("train", "eval"):

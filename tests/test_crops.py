@@ -51,7 +51,7 @@ def _dct_scale_reaches(width: int, height: int, short: int) -> bool:
 )
 def test_every_drawn_scale_equals_the_full_resolution_decode_resized(photos, width, height, short_side):
     resolution = min(64, short_side[0])
-    for photo in photos[:3]:
+    for photo in photos[:2]:  # astronaut (fine texture, the worst case) and chelsea
         data = _jpeg(photo, width, height)
         full = decode(data)
         for short, seed in _seeds_drawing_each_short_side(*short_side).items():

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from PIL import Image
@@ -221,3 +222,52 @@ def test_experiment_push_pull_and_mlflow_server(project):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def _queue_idle(repo: Path, env: dict[str, str], timeout: float = 900) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = _run(["dvc", "queue", "status"], repo, env).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+
+
+def test_queued_parallel_and_temp_experiments_land_in_the_workspace_store(project):
+    """`dvc exp run --queue` / `dvc queue start -j 2` / `--temp` run in copies DVC deletes; with the
+    default store (no tracking.uri, no $MLFLOW_TRACKING_URI) their runs, artifacts and model
+    versions must land in the workspace's mlflow.db, matched to their `dvc exp show` rows."""
+    _, repo, env = project
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    store = repo / "mlflow.db"
+    assert not store.exists()
+    _run(["dvc", "exp", "run", "--queue", "-n", "q-lr", "-S", "train.lr=0.002"], repo, env)
+    _run(["dvc", "exp", "run", "--queue", "-n", "q-lpips", "-S", "loss.perceptual_weight=0.5"], repo, env)
+    _run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    status = _queue_idle(repo, env)
+    assert status.count("Success") == 2, status
+    _run(["dvc", "exp", "run", "--temp", "-n", "t-ema", "-S", "train.ema_decay=0.95"], repo, env)
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("sdvae")
+    assert experiment.artifact_location == str(repo / "mlruns")  # not a deleted copy's
+    runs = {r.data.tags.get("dvc.exp_name"): r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"q-lr", "q-lpips", "t-ema"}
+    baseline = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    dvc_psnr = {}
+    for row in shown:
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                name = rev.get("name")
+                if name in runs:
+                    dvc_psnr[name] = rev["data"]["metrics"]["metrics/eval.json"]["data"]["model"]["psnr"]
+    assert set(dvc_psnr) == set(runs)
+    for name, run in runs.items():
+        assert run.data.tags["dvc.baseline_rev"] == baseline and run.info.run_name == name
+        assert run.data.metrics["eval/psnr"] == pytest.approx(dvc_psnr[name], rel=1e-9)  # one run, two views
+        assert {"eval/eval.json", "eval/eval_grid.png"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id, "eval")
+        }
+    versions = client.search_model_versions("name='sdvae'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs.values())

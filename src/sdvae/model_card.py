@@ -30,6 +30,7 @@ def render_model_card(
     scores: dict[str, Any],
     stats: dict[str, Any],
     run_id: str | None,
+    run_tags: dict[str, str] | None = None,
 ) -> str:
     cfg = model.config
     return f"""---
@@ -76,7 +77,8 @@ recon = vae.decode(latents / vae.config.scaling_factor).sample
 ```
 
 ## Training parameters
-MLflow run: {run_id or "n/a"}
+MLflow run: {run_id or "n/a"}; DVC experiment: {(run_tags or {}).get("dvc.exp_name", "none (dvc repro)")},
+baseline revision {(run_tags or {}).get("dvc.baseline_rev", "n/a")}
 
 ```json
 {json.dumps(params, indent=2)}

@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
+
+# DVC runs queued (`dvc exp run --queue`, `dvc queue start -j N`) and temporary (`--temp`)
+# experiments in a copy of the repo under .dvc/tmp/exps/ that it deletes afterwards, and tells
+# the stages where the user's workspace is (DVC_ROOT) and which experiment runs (DVC_EXP_*),
+# in dvc/repo/experiments/queue/base.py. A default store relative to the stage's directory
+# would live, and die, in that copy.
+DVC_ROOT, DVC_EXP_NAME, DVC_EXP_BASELINE_REV = "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
+
+
+def workspace_root() -> Path:
+    """The user's workspace: DVC's `DVC_ROOT` under any DVC run, else the current directory."""
+    return Path(os.environ.get(DVC_ROOT) or ".").resolve()
+
+
+def default_store() -> tuple[str, str]:
+    """(tracking URI, artifact location) of the default store: mlflow.db and mlruns/ in the workspace."""
+    root = workspace_root()
+    return f"sqlite:///{root / 'mlflow.db'}", str(root / "mlruns")
+
+
+def resolve_store(explicit: str | None) -> tuple[str, str | None]:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI (artifacts where that store puts them), else the default."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    return (uri, None) if uri else default_store()
+
+
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to, so `dvc exp show` rows and MLflow runs match both ways."""
+    tags = {"dvc.exp_name": os.environ.get(DVC_EXP_NAME), "dvc.baseline_rev": os.environ.get(DVC_EXP_BASELINE_REV)}
+    return {k: v for k, v in tags.items() if v}
 
 
 def store_lock(uri: str) -> AbstractContextManager[Any]:
@@ -43,8 +74,11 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
 
 
 def training_run(run_file: str | Path = "models/train/run.json") -> tuple[MlflowClient, str]:
+    """The training run's store and id. A run in the default store is found in this workspace's
+    store (the record travels with `dvc pull` to other clones, an absolute path would not)."""
     info = json.loads(Path(run_file).read_text())
-    return MlflowClient(tracking_uri=info["tracking_uri"]), info["run_id"]
+    uri = default_store()[0] if info.get("default_store") else info["tracking_uri"]
+    return MlflowClient(tracking_uri=uri), info["run_id"]
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], prefix: str, step: int = 0) -> None:

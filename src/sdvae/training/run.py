@@ -22,7 +22,7 @@ from sdvae.formats.diffusers import save_diffusers
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder, with_family_factors
-from sdvae.tracking import mark_model_training, store_lock
+from sdvae.tracking import DVC_EXP_NAME, experiment_tags, mark_model_training, resolve_store, store_lock
 from sdvae.training.callbacks import (
     AtomicLastCheckpoint,
     ClosesResumedEpoch,
@@ -50,7 +50,7 @@ class TrainPaths:
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    return resolve_store(cfg.uri)[0]
 
 
 def run_fingerprint(cfg: Config, paths: TrainPaths) -> str:
@@ -94,9 +94,10 @@ class RunBookkeeping(L.Callback):
                 print(f"checkpoints in {self.paths.checkpoints} belong to other params or data: starting afresh")
                 shutil.rmtree(self.paths.checkpoints)
             self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
-            if self.new_run:
-                self.logger.log_hyperparams(self.cfg.flat())
-                mark_model_training(self.logger.experiment, self.logger.experiment_id)
+            if self.new_run:  # the first use creates the experiment and the run: one process at a time
+                with store_lock(tracking_uri(self.cfg.tracking)):
+                    self.logger.log_hyperparams(self.cfg.flat())
+                    mark_model_training(self.logger.experiment, self.logger.experiment_id)
             record = {
                 "fingerprint": self.fingerprint,
                 "run_id": self.logger.run_id,
@@ -163,14 +164,16 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         cfg.train.val_images,
         cfg.train.seed,
     )
-    uri = tracking_uri(cfg.tracking)
+    uri, artifacts = resolve_store(cfg.tracking.uri)
     with store_lock(uri):  # the logger opens the store (and may create the schema) right here
         logger = MLFlowLogger(
             experiment_name=cfg.tracking.experiment,
             tracking_uri=uri,
-            run_name=cfg.tracking.run_name,
+            run_name=cfg.tracking.run_name or os.environ.get(DVC_EXP_NAME),
             run_id=run_id,
             log_model=False,
+            artifact_location=artifacts,
+            tags=experiment_tags() or None,
         )
     callbacks = [
         RunBookkeeping(cfg, paths, logger, fingerprint, new_run=run_id is None, stale=stale),
@@ -186,6 +189,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     result = {
         "run_id": logger.run_id,
         "tracking_uri": uri,
+        "default_store": artifacts is not None,
         "windows": module.windows,
         "g_steps": module.g_steps,
         "d_steps": module.d_steps,

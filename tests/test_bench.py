@@ -52,10 +52,15 @@ def test_convergence_recipes_apply_to_the_base_params_and_summarize_over_seeds()
             "steps": 10,
             "seed": s,
             "overrides": {},
+            "loader": "current",
             "final": {"lpips": lp, "psnr": ps, "ssim": 0.5, "train_s": 1},
         }
         for s, lp, ps in ((0, 0.40, 20.0), (1, 0.44, 19.0))
     ]
-    row = summarize(runs, {"lpips": 0.43, "psnr": 19.5, "ssim": 0.6})["r@10"]
+    legacy = {**runs[0], "final": {**runs[0]["final"], "lpips": 0.5}}
+    del legacy["loader"]  # runs cached before the loader fix carry no key: they used the legacy loader
+    summary = summarize([*runs, legacy], {"lpips": 0.43, "psnr": 19.5, "ssim": 0.6})
+    assert summary["r/legacy_loader@10"]["seeds"] == [0] and summary["r/legacy_loader@10"]["lpips"] == 0.5
+    row = summary["r@10"]
     assert (row["lpips"], row["lpips_spread"], row["psnr"], row["psnr_spread"]) == (0.42, 0.04, 19.5, 1.0)
     assert row["beats_bicubic"] == {"lpips": True, "psnr": False, "ssim": False}

@@ -27,7 +27,11 @@ def test_defaults_are_frozen():
     [
         ({"model": {"latent_channels": "four"}}, "model.latent_channels: expected int >= 1, got 'four'"),
         ({"model": {"latent_channels": 0}}, "model.latent_channels: expected int >= 1, got 0"),
-        ({"model": {"preset": "huge"}}, "model.preset: expected one of 'tiny', 'sd-f8c4', 'ldm-kl-f4', got 'huge'"),
+        (
+            {"model": {"preset": "huge"}},
+            "model.preset: expected one of 'tiny', 'sd-f8c4', 'ldm-kl-f4', 'sdxl-f8c4', 'sd3-f8c16', 'flux-f8c16', "
+            "got 'huge'",
+        ),
         ({"model": {"init": "xavier"}}, "model.init: expected one of 'pytorch', 'scaled_residual', got 'xavier'"),
         ({"model": {"init_logvar": -100}}, "model.init_logvar: expected float >= -30.0 and <= 10.0, got -100"),
         ({"train": {"lr": -1}}, "train.lr: expected float > 0.0, got -1"),

@@ -240,7 +240,7 @@ def test_consecutive_nan_steps_stop_training(caches, tmp_path, monkeypatch):
 
 _RUNNER = """
 import json, sys, time
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]
 from pathlib import Path
 from test_training import log_sample_ids, make
 from sdvae.training.run import train
@@ -263,7 +263,9 @@ def _runner(caches: Path, tmp_path: Path) -> Path:
     """A script that trains in its own process: argv = delay per step (s), overrides (JSON), run
     folder, file to log sample ids to ("" = none). Slow runs give a test time to kill them."""
     script = tmp_path / "runner.py"
-    script.write_text(_RUNNER.format(tests=str(Path(__file__).parent), caches=str(caches)))
+    script.write_text(
+        _RUNNER.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]), caches=str(caches))
+    )
     return script
 
 
@@ -307,7 +309,7 @@ def test_changed_params_do_not_resume_stale_checkpoint(caches, tmp_path):
 
 _DDP = """
 import json, os, sys, hashlib
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]
 from pathlib import Path
 import torch
 from test_training import log_sample_ids, make
@@ -337,7 +339,11 @@ def test_ddp_two_cpu_processes_read_disjoint_samples(caches, tmp_path, layout):
     started by hand with Lightning's multi-node variables (MASTER_ADDR, NODE_RANK, WORLD_SIZE),
     sharing one checkpoint folder and MLflow database as nodes share a file system."""
     script = tmp_path / "ddp.py"
-    script.write_text(_DDP.format(tests=str(Path(__file__).parent), caches=str(caches), tmp=str(tmp_path)))
+    script.write_text(
+        _DDP.format(
+            tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]), caches=str(caches), tmp=str(tmp_path)
+        )
+    )
     port = str(29500 + os.getpid() % 1000 + (7 if layout.startswith("two") else 0))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     if layout == "one_node_two_devices":

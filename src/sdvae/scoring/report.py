@@ -68,7 +68,8 @@ def save_grid(result: dict[str, Any], path: str | Path) -> Path | None:
     labels = ["input", *result["models"]]
     to_range = [r.float().div(127.5).sub(1.0) for r in rows]
     caption = f"{result['images']} images at {result['protocol']['resolution']} px | " + " | ".join(
-        f"{label}: PSNR {m['psnr']['mean']:.2f} LPIPS {m['lpips']['mean']:.3f}" for label, m in result["models"].items()
+        f"{_short(label, 20)}: PSNR {m['psnr']['mean']:.2f} LPIPS {m['lpips']['mean']:.3f}"
+        for label, m in result["models"].items()
     )
     return save_rows(to_range, Path(path), labels=[_short(label) for label in labels], caption=caption)
 

@@ -30,12 +30,12 @@ import lightning as L
 import torch
 
 from legacy_loader import use_legacy_loader
+from results import store_entry
 from sdvae.baseline import bicubic_roundtrip
 from sdvae.config import Config, config_from_dict
 from sdvae.data.datamodule import ImageDataModule, eval_batches
 from sdvae.evaluation import ReconstructionMetrics
 from sdvae.formats.diffusers import save_diffusers
-from sdvae.io import write_json
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder
 from sdvae.training.module import VAEGANModule
@@ -261,9 +261,7 @@ def main() -> None:
     current = [r for r in runs if r["params"] == base]
     summary = summarize(current, baseline)
     plot(current, baseline, Path(args.plot))
-    out = Path(args.out)
-    bench = json.loads(out.read_text()) if out.is_file() else {}
-    bench["convergence"] = {
+    entry = {
         "what": "eval-set scores (26 photos, 128 px) of the EMA weights after each recipe's run; "
         "mean and spread (max - min) over seeds; train_s excludes evaluation",
         "machine": f"{torch.get_num_threads()} CPU threads",
@@ -271,8 +269,8 @@ def main() -> None:
         "recipes": summary,
         "command": "python bench/convergence.py --recipes <names> --seeds <list> --steps <n>",
     }
-    write_json(out, bench)
-    print(json.dumps(bench["convergence"], indent=2))
+    store_entry(args.out, "convergence", entry)
+    print(json.dumps(entry, indent=2))
 
 
 if __name__ == "__main__":

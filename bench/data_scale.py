@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
+from results import store_entry
 from sdvae.data.datamodule import TrainImages
 from sdvae.data.images import load_rgb
 from sdvae.data.prepare import PrepareSpec, prepare_split
-from sdvae.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STEP_IMAGES_PER_S = 55.0  # the SD f8c4 step at 256 px on one H100 today (README); plan for 2-3x
@@ -99,10 +99,7 @@ def main() -> None:
             result[label] = row
             print(label, json.dumps(row, indent=2), flush=True)
     result["command"] = f"python bench/data_scale.py --images {args.images} --workers {args.workers}"
-    out = Path(args.out)
-    bench = json.loads(out.read_text()) if out.is_file() else {}
-    bench["data_scale"] = result
-    write_json(out, bench)
+    store_entry(args.out, "data_scale", result)
 
 
 if __name__ == "__main__":

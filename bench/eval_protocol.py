@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from results import store_entry
 from sdvae.data.images import load_rgb
 from sdvae.formats import save_diffusers
-from sdvae.io import write_json
 from sdvae.metrics import build_lpips, inception_weights
 from sdvae.models import AutoencoderKL
 from sdvae.scoring.features import build_inception
@@ -165,10 +165,7 @@ def main() -> None:
         "command": f"python bench/eval_protocol.py --images {args.images} --batch-size {args.batch_size}",
     }
     print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    bench = json.loads(out.read_text()) if out.is_file() else {}
-    bench["eval"] = result
-    write_json(out, bench)
+    store_entry(args.out, "eval", result)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from PIL import Image
 
 import sdvae.data.datamodule as dm
 from legacy_loader import legacy_crop
+from results import store_entry
 from sdvae.data.images import load_rgb
 from sdvae.data.prepare import PrepareSpec, prepare_split
-from sdvae.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_IMAGES_PER_S = 55.0  # the SD f8c4 trainer at 256 px, bf16, one H100 (DESIGN.md); plan for 3x
@@ -93,10 +93,7 @@ def main() -> None:
             print(label, json.dumps(result[label]), flush=True)
     result["gpu_need_images_per_s"] = GPU_IMAGES_PER_S
     result["command"] = f"python bench/loader_scale.py --samples {args.samples} --rounds {args.rounds}"
-    out = Path(args.out)
-    bench = json.loads(out.read_text()) if out.is_file() else {}
-    bench["loader"] = result
-    write_json(out, bench)
+    store_entry(args.out, "loader", result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from sdvae.io import write_json
+from results import store_entry
 from sdvae.scoring.report import better_than, flat_metrics, save_grid
 from sdvae.scoring.run import ScoreOptions, score_models
 
@@ -53,10 +53,7 @@ def main() -> None:
         "beats_bicubic": {k: v for k, v in better_than(mean, baseline).items() if k in METRICS},
         "command": f"python bench/out_of_set.py --models {args.models} --resolution {args.resolution}",
     }
-    out = Path(args.out)
-    bench = json.loads(out.read_text()) if out.is_file() else {}
-    bench["out_of_set"] = entry
-    write_json(out, bench)
+    store_entry(args.out, "out_of_set", entry)
     print(json.dumps(entry, indent=2))
 
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from photo_sets import jpeg_crops
 from results import store_entry
-from sdvae.data.images import load_rgb
 from sdvae.formats import save_diffusers
 from sdvae.metrics import build_lpips, inception_weights
 from sdvae.models import AutoencoderKL
@@ -37,16 +37,6 @@ from sdvae.scoring.run import ScoreOptions, score_models
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 256
-
-
-def make_set(photos: Path, out: Path, count: int) -> None:
-    rng = np.random.default_rng(0)
-    sources = [load_rgb(p, 16, 10**9) for p in sorted(photos.iterdir()) if p.is_file()]
-    out.mkdir(parents=True)
-    for i in range(count):
-        src = sources[i % len(sources)]
-        top, left = (int(rng.integers(0, s - RES + 1)) for s in src.shape[:2])
-        Image.fromarray(src[top : top + RES, left : left + RES]).save(out / f"{i:05d}.jpg", quality=90)
 
 
 def load_folder(folder: Path) -> list[np.ndarray]:
@@ -133,7 +123,7 @@ def main() -> None:
     weights = inception_weights()
     with tempfile.TemporaryDirectory(dir=ROOT / "data") as tmp:
         work = Path(tmp)
-        make_set(Path(args.photos), work / "images", args.images)
+        jpeg_crops(Path(args.photos), work / "images", (RES, RES), args.images)
         folder = save_diffusers(model, work / "tiny")
         bare_s = bare(model, work / "images", args.batch_size)
         start = time.perf_counter()

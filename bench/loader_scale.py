@@ -19,32 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 import sdvae.data.datamodule as dm
 from legacy_loader import legacy_crop
+from photo_sets import jpeg_crops
 from results import store_entry
-from sdvae.data.images import load_rgb
 from sdvae.data.prepare import PrepareSpec, prepare_split
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_IMAGES_PER_S = 55.0  # the SD f8c4 trainer at 256 px, bf16, one H100 (DESIGN.md); plan for 3x
-
-
-def jpeg_set(photos: Path, out: Path, size: tuple[int, int], count: int) -> None:
-    """`count` JPEG crops (quality 90) of `size` (w, h) from the built-in photos."""
-    rng = np.random.default_rng(0)
-    sources = [load_rgb(p, 16, 10**9) for p in sorted(photos.iterdir()) if p.is_file()]
-    sources = [s for s in sources if s.shape[0] >= size[1] and s.shape[1] >= size[0]]
-    (out / "images").mkdir(parents=True)
-    for i in range(count):
-        src = sources[i % len(sources)]
-        top = int(rng.integers(0, src.shape[0] - size[1] + 1))
-        left = int(rng.integers(0, src.shape[1] - size[0] + 1))
-        crop = src[top : top + size[1], left : left + size[0]]
-        Image.fromarray(crop).save(out / "images" / f"{i:05d}.jpg", quality=90)
 
 
 def rate(images: dm.TrainImages, samples: int) -> float:
@@ -87,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ROOT / "data") as tmp:
         for label, size in (("gpu_preset_256px_500x375", (500, 375)), ("gpu_preset_256px_768x512", (768, 512))):
             raw, cache = Path(tmp) / label, Path(tmp) / f"{label}-cache"
-            jpeg_set(Path(args.photos), raw, size, 200)
+            jpeg_crops(Path(args.photos), raw / "images", size, 200)
             prepare_split(raw, cache, PrepareSpec("train", 256, 64, 10**9, max_short_side=512))
             result[label] = measure(cache, 256, (256, 512), args.samples, args.rounds)
             print(label, json.dumps(result[label]), flush=True)

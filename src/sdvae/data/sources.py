@@ -22,7 +22,15 @@ from tqdm import tqdm
 from sdvae.data.common import SourceError, content_hash, in_eval_split
 from sdvae.data.hf import record_source
 
-__all__ = ["IMAGE_SUFFIXES", "SourceError", "content_hash", "download_split", "in_eval_split", "iter_source"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "SourceError",
+    "content_hash",
+    "download_split",
+    "image_files",
+    "in_eval_split",
+    "iter_source",
+]
 
 # One rule everywhere (download, prepare, the CLI): these are images; a multi-frame file
 # (animated GIF or WebP, multi-page TIFF) contributes its first frame.
@@ -145,11 +153,15 @@ def check_available(spec: str) -> None:
 
 
 # -- per-kind iterators: yield (file name, raw bytes) ---------------------------------------------------
-def _iter_folder(root: Path) -> Iterator[tuple[str, bytes]]:
+def image_files(root: Path) -> list[Path]:
+    """Every image file under `root`, sorted (the one rule of what counts as an image)."""
     if not root.is_dir():
         raise SourceError(f"folder source {root}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    for p in files:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _iter_folder(root: Path) -> Iterator[tuple[str, bytes]]:
+    for p in image_files(root):
         yield str(p.relative_to(root)).replace("/", "__"), p.read_bytes()
 
 

@@ -27,10 +27,6 @@ class Candidate:
     sha256: str | None
     source: str
 
-    @property
-    def latent_channels(self) -> int | None:
-        return None if self.model is None else self.model.config.latent_channels
-
 
 def weights_file(path: Path) -> Path | None:
     """The file holding a model's weights (hashed so a table names exactly what it scored)."""

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from sdvae.data.common import SourceError
 from sdvae.data.images import SkippedImage, center_crop, load_rgb, resize_short_side
-from sdvae.data.sources import IMAGE_SUFFIXES, download_split, parse_source
+from sdvae.data.sources import download_split, image_files, parse_source
 from sdvae.io import atomic_dir
 
 
@@ -96,10 +96,7 @@ def open_source(spec: str, cache_dir: Path, image_column: str = "image", max_ima
             reader = HFReader(rest, image_column, [f"row-{i:08d}" for i in range(rows)])
         else:
             root = Path(rest).expanduser() if kind == "folder" else _builtin_folder(spec, cache_dir)
-            if not root.is_dir():
-                raise SourceError(f"folder source {root}: no such directory")
-            files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            reader = FolderReader(root, [str(p.relative_to(root)) for p in files])
+            reader = FolderReader(root, [str(p.relative_to(root)) for p in image_files(root)])
     if max_images:
         reader.names = reader.names[:max_images]
     if not reader.names:

@@ -8,8 +8,6 @@ scripts do (torchmetrics' default pools the MSE of all images, 1.2 dB off on our
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -86,12 +84,3 @@ def ssim_gaussian(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ssim_uniform(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N,) SSIM with skimage's default 7x7 uniform window and sample covariance."""
     return _ssim(a, b, torch.full((UNIFORM_TAPS,), 1.0 / UNIFORM_TAPS, dtype=torch.float64), sample_covariance=True)
-
-
-def min_side_for_ssim() -> int:
-    """Images need at least the Gaussian window's size on each side."""
-    return max(GAUSSIAN_TAPS, UNIFORM_TAPS)
-
-
-def psnr_of_mse(mse: float) -> float:
-    return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10.0 * math.log10(1.0 / mse))

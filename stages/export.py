@@ -13,6 +13,7 @@ from common import trained_autoencoder
 from sdvae.config import load_config
 from sdvae.data.datamodule import TrainImages, read_manifest, to_model_range
 from sdvae.formats.diffusers import load_diffusers, save_diffusers
+from sdvae.fp16_safety import fp16_decode_report, guarded_config
 from sdvae.io import write_json
 from sdvae.model_card import render_model_card
 from sdvae.scaling import latent_statistics, shipped_factors
@@ -23,17 +24,22 @@ def main() -> None:
     cfg = load_config()
     x = cfg.export
     model = load_diffusers(trained_autoencoder(cfg)[0])
+    torch.manual_seed(cfg.data.seed)  # the crops drawn for the statistics and the fp16 check
+    train = TrainImages("data/cache/train", cfg.train.resolution, cfg.data.train_short_side, shuffle=False)
+    count = read_manifest("data/cache/train")["count"]
+    pick = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.data.seed))[: x.scaling_images]
+    loader = DataLoader(Subset(train, pick.tolist()), batch_size=cfg.eval.batch_size)
     stats: dict[str, object] = {}
     if x.compute_scaling_factor:
-        torch.manual_seed(cfg.data.seed)  # the crops drawn for the statistics
-        train = TrainImages("data/cache/train", cfg.train.resolution, cfg.data.train_short_side, shuffle=False)
-        count = read_manifest("data/cache/train")["count"]
-        pick = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.data.seed))[: x.scaling_images]
-        loader = (to_model_range(b) for b in DataLoader(Subset(train, pick.tolist()), batch_size=cfg.eval.batch_size))
-        stats = latent_statistics(model, loader, seed=cfg.data.seed)
+        stats = latent_statistics(model, (to_model_range(b) for b in loader), seed=cfg.data.seed)
     encoder_trained = not (cfg.train.decoder_only and cfg.train.init_from)
+    before = {"scaling_factor": model.config.scaling_factor, "shift_factor": model.config.shift_factor}
     model.config, factor_note = shipped_factors(model.config, stats, encoder_trained)
     stats["factor_source"] = factor_note
+    stats["factors_before"] = before
+    with torch.no_grad():
+        fp16 = fp16_decode_report(model, model.encode(to_model_range(next(iter(loader)))).mode())
+    model.config = guarded_config(model.config, fp16)
     scores = json.loads(Path("metrics/eval.json").read_text())
     sources = {s: json.loads(Path(f"data/raw/{s}/source.json").read_text()) for s in ("train", "eval")}
     licenses = sorted({p.name for s in ("train", "eval") for p in Path(f"data/raw/{s}/licenses").glob("*")})
@@ -45,6 +51,7 @@ def main() -> None:
         licenses=licenses,
         scores=scores,
         stats=stats,
+        fp16=fp16,
         run_id=run_id,
         run_tags=client.get_run(run_id).data.tags,
     )
@@ -58,6 +65,9 @@ def main() -> None:
         "scaling_factor": model.config.scaling_factor,
         "shift_factor": model.config.shift_factor,
         "scaling_factor_source": factor_note,
+        "factors_before": before,
+        "force_upcast": model.config.force_upcast,
+        "fp16_decode": fp16,
         "latent_stats": stats,
     }
     if x.register_model:

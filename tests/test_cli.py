@@ -219,3 +219,39 @@ def test_outputs_are_written_atomically_with_shared_modes(model_dir, images, tmp
         os.umask(old)
     for p in (tmp_path / "lat").rglob("*.safetensors"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_sixteen_channel_latents_carry_shift_and_scale_and_decode_back(tmp_path, photos):
+    """FLUX / SD3 layout: the saved latent is (z - shift) * scale, its metadata says so, and
+    decode undoes exactly that."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    flux_like = {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+    model = AutoencoderKL.from_preset("tiny", **flux_like, scaling_factor=0.37, shift_factor=0.12).eval()
+    folder = save_diffusers(model, tmp_path / "vae16")
+    Image.fromarray(photos[0]).resize((32, 32)).save(tmp_path / "a.png")
+    assert main(["encode", str(tmp_path / "a.png"), "--model", str(folder), "-o", str(tmp_path / "lat")]) == 0
+    with safe_open(str(tmp_path / "lat" / "a.png.safetensors"), "pt") as fh:
+        meta, latent = fh.metadata(), fh.get_tensor("latent")
+    assert latent.shape == (16, 4, 4)
+    assert (float(meta["scaling_factor"]), float(meta["shift_factor"])) == (0.37, 0.12)
+    x = torch.from_numpy(np.asarray(Image.open(tmp_path / "a.png"), np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        z = model.encode(x).mode()
+    torch.testing.assert_close(latent, ((z - 0.12) * 0.37)[0], rtol=1e-5, atol=1e-6)
+    assert main(["decode", str(tmp_path / "lat"), "--model", str(folder), "-o", str(tmp_path / "dec")]) == 0
+    with torch.no_grad():
+        expected = ((model.decode(z).clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
+    decoded = np.asarray(Image.open(tmp_path / "dec" / "a.png.png"), np.float32)
+    assert np.abs(decoded - expected).max() <= 1
+
+
+def test_info_reports_a_models_factors_and_its_fp16_decode(model_dir, capsys):
+    assert main(["info", "--params", str(ROOT / "params.yaml"), "--model", str(model_dir), "--resolution", "32"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["latent_channels"] == 4 and model["scaling_factor"] == pytest.approx(0.18215)
+    fp16 = model["fp16_decode"]
+    side = 32 // model["downsample_factor"]
+    assert fp16["latents"] == [1, 4, side, side] and fp16["overflows_fp16"] is False
+    assert 0 < fp16["max_abs_activation"] < fp16["fp16_max"]

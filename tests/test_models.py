@@ -11,6 +11,7 @@ from sdvae.formats.ldm import ours_to_ldm, save_ldm
 from sdvae.models import AutoencoderKL, AutoencoderKLConfig, NLayerDiscriminator, count_parameters
 from sdvae.models.discriminator import NORM_TYPES
 from sdvae.models.tiling import tiled_apply
+from tests.conftest import to_tensor
 from tests.tolerances import assert_fp32_close
 
 REDUCED_SD = {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 32}
@@ -306,11 +307,30 @@ def test_a_decoder_only_fine_tune_ships_the_latent_factors_it_started_from():
     from sdvae.scaling import shipped_factors
 
     flux = AutoencoderKL.from_preset("flux-f8c16").config
-    stats = {"scaling_factor": 2.5, "images": 64}
+    stats = {"scaling_factor": 2.5, "shift_factor": -0.2, "images": 64}
     kept, why = shipped_factors(flux, stats, encoder_trained=False)
-    assert (kept.scaling_factor, kept.shift_factor) == (0.3611, 0.1159) and "decoder-only" in why
+    assert (kept.scaling_factor, kept.shift_factor, kept.force_upcast) == (0.3611, 0.1159, flux.force_upcast)
+    assert "decoder-only" in why
     fresh, why = shipped_factors(flux, stats, encoder_trained=True)
-    assert fresh.scaling_factor == 2.5 and "computed" in why
+    assert (fresh.scaling_factor, fresh.shift_factor) == (2.5, -0.2) and "computed" in why
+    # SD-style families carry no shift: a full fine-tune recomputes the scale only
+    sdxl = AutoencoderKL.from_preset("sdxl-f8c4").config
+    fresh, _ = shipped_factors(sdxl, stats, encoder_trained=True)
+    assert (fresh.scaling_factor, fresh.shift_factor, fresh.force_upcast) == (2.5, None, True)
+
+
+def test_latent_statistics_give_the_scale_and_shift_that_standardise_the_latents(photos):
+    from sdvae.scaling import latent_statistics
+
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny", latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    x = torch.cat([to_tensor(p, 32) for p in photos])
+    stats = latent_statistics(model, [x[:3], x[3:]], seed=0)
+    with torch.no_grad():
+        z = model.encode(x).sample(torch.Generator().manual_seed(0)).double()
+    standardised = (z - stats["shift_factor"]) * stats["scaling_factor"]
+    assert abs(float(standardised.mean())) < 1e-6 and abs(float(standardised.std(correction=0)) - 1) < 1e-6
+    assert stats["images"] == 6 and len(stats["channel_mean"]) == 16
 
 
 def test_diffusers_spelling_from_pretrained_and_save_pretrained(tmp_path):

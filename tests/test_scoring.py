@@ -241,3 +241,18 @@ def test_baseline_flags_each_metric_in_its_direction():
     assert better_than(model, base) == {
         "psnr": False, "ssim_gaussian": True, "ssim_uniform": None, "lpips": True, "rfid": None, "kid": True,
     }  # fmt: skip
+
+
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize("images", [8, 400])  # rank-deficient (fewer images than features) and full rank
+def test_trace_of_the_covariance_product_root_equals_scipy_sqrtm(images):
+    from scipy import linalg
+
+    from sdvae.scoring.features import trace_sqrt_product
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((images, 256))
+    b = a @ rng.standard_normal((256, 256)) * 0.1 + rng.standard_normal((images, 256))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = float(np.trace(np.real(linalg.sqrtm(s1 @ s2))))
+    assert trace_sqrt_product(s1, s2) == pytest.approx(reference, rel=1e-6)

@@ -524,3 +524,31 @@ def test_rerun_after_validation_resumes_from_the_finished_checkpoint(caches, tmp
     assert result["resumed"] and result["windows"] == 2
     val_steps = [row["step"] for row in csv.DictReader(paths.val_csv.open())]
     assert val_steps == ["1", "2"]  # the re-run's validation of window 2 replaced the row, not repeated it
+
+
+def test_decoder_only_fine_tune_leaves_encoder_and_latents_bit_identical(caches, tmp_path, photos):
+    """From a saved model, with the GAN and EMA on: every encoder and quant_conv weight, and the
+    latents of a fixed image, stay bit-identical; the decoder trains."""
+    from sdvae.formats.diffusers import load_diffusers, save_diffusers
+    from sdvae.models import AutoencoderKL
+    from tests.conftest import to_tensor
+
+    torch.manual_seed(0)
+    start = AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8)
+    init = save_diffusers(start, tmp_path / "init")
+    cfg, paths = make(
+        caches, tmp_path, train={"init_from": str(init), "decoder_only": True, "max_steps": 4}, loss={"disc_start": 2}
+    )
+    result = train(cfg, paths)
+    assert result["d_steps"] == 2  # the GAN ran: its gradient reached the decoder only
+    tuned = load_diffusers(paths.out / "vae")
+    before, after = start.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert len(frozen) > 20 and all(torch.equal(before[k], after[k]) for k in frozen)
+    ema = load_diffusers(paths.out / "vae_ema").state_dict()  # what export ships with eval.use_ema
+    assert all(torch.equal(before[k], ema[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    x = to_tensor(photos[0], 32)
+    with torch.no_grad():
+        assert torch.equal(start.eval().encode(x).mode(), tuned.eval().encode(x).mode())
+        assert torch.equal(start.encode(x).std, tuned.encode(x).std)

@@ -63,8 +63,40 @@ def cmd_info(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sdvae: invalid params: {exc}", file=sys.stderr)
         return 2
+    if args.model:
+        info["model"] = _model_info(args.model, args.image, args.resolution)
     print(json.dumps(info, indent=2, default=str))
     return 0
+
+
+def _model_info(spec: str, image: str | None, resolution: int) -> dict[str, object]:
+    """A model's config and factors, and whether decoding one image's latents in fp16 overflows."""
+    import numpy as np
+    import torch
+
+    from sdvae.data.images import center_crop, load_rgb, resize_short_side
+    from sdvae.data.sources import skimage_photo
+    from sdvae.formats import load_any
+    from sdvae.fp16_safety import fp16_decode_report
+    from sdvae.models.autoencoder_kl import count_parameters
+
+    model = load_any(spec).eval()
+    pixels = load_rgb(image, 16, 10**9) if image else np.asarray(skimage_photo("astronaut"))
+    pixels = center_crop(resize_short_side(pixels, resolution), resolution)
+    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+    with torch.no_grad():
+        z = model.encode(x).mode()
+    c = model.config
+    return {
+        "source": spec,
+        "parameters": count_parameters(model),
+        "latent_channels": c.latent_channels,
+        "downsample_factor": model.downsample_factor,
+        "scaling_factor": c.scaling_factor,
+        "shift_factor": c.shift_factor,
+        "force_upcast": c.force_upcast,
+        "fp16_decode": {"image": image or "scikit-image astronaut", **fp16_decode_report(model, z)},
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device and the resolved config")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--model", help="also a VAE's factors and an fp16 decode check (folder or single file)")
+    p.add_argument("--image", help="the image for the fp16 check (default: scikit-image's astronaut)")
+    p.add_argument("--resolution", type=int, default=256, help="its side for the fp16 check")
     p.set_defaults(func=cmd_info)
     from sdvae import cli_evaluate, cli_images
 

@@ -21,6 +21,27 @@ def _table(scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _before(cfg: Any, stats: dict[str, Any]) -> str:
+    old = stats.get("factors_before")
+    if not old:
+        return "the source's factors are not recorded."
+    if (old["scaling_factor"], old["shift_factor"]) == (cfg.scaling_factor, cfg.shift_factor):
+        return "unchanged from the model training started from."
+    return (
+        f"before this export: scaling_factor {old['scaling_factor']:.6g}, shift_factor {old['shift_factor']} "
+        "(a diffusion model trained on the old latents needs the old factors, or retraining)."
+    )
+
+
+def _fp16_line(fp16: dict[str, Any] | None) -> str:
+    if not fp16:
+        return "fp16 decoding not checked."
+    peak = f"largest decoder activation {fp16['max_abs_activation']:.4g} at {fp16['max_abs_activation_at']}"
+    if fp16["overflows_fp16"]:
+        return f"**decoding in fp16 overflows** ({peak}; fp16 ends at 65504): keep the VAE in fp32 or bf16."
+    return f"an fp16 decode stays finite ({peak}; max abs error {fp16['fp16_max_abs_error']:.3g} vs fp32)."
+
+
 def render_model_card(
     model: AutoencoderKL,
     *,
@@ -29,6 +50,7 @@ def render_model_card(
     licenses: list[str],
     scores: dict[str, Any],
     stats: dict[str, Any],
+    fp16: dict[str, Any] | None = None,
     run_id: str | None,
     run_tags: dict[str, str] | None = None,
 ) -> str:
@@ -47,10 +69,12 @@ A KL-regularised autoencoder (the first stage of latent diffusion) trained as a 
   mid-block attention {cfg.mid_block_add_attention}; downsampling factor {model.downsample_factor}
 - {count_parameters(model):,} parameters
 - scaling_factor {cfg.scaling_factor:.6g}, shift_factor {cfg.shift_factor}
-  ({stats.get("factor_source", "from the preset")});
+  ({stats.get("factor_source", "from the preset")}); {_before(cfg, stats)}
   measured on {stats.get("images", "?")} training crops: 1/std {stats.get("scaling_factor", "n/a")},
+  mean {stats.get("shift_factor", "n/a")},
   per-channel mean {[round(v, 4) for v in stats.get("channel_mean", [])]},
   std {[round(v, 4) for v in stats.get("channel_std", [])]}
+- force_upcast {cfg.force_upcast}; {_fp16_line(fp16)}
 
 ## Training data
 {json.dumps(sources, indent=2)}
@@ -72,8 +96,9 @@ import torch
 from diffusers import AutoencoderKL
 vae = AutoencoderKL.from_pretrained("path/to/this/folder")
 x = torch.rand(1, 3, 256, 256) * 2 - 1                      # images in [-1, 1]
-latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-recon = vae.decode(latents / vae.config.scaling_factor).sample
+shift = vae.config.shift_factor or 0.0                       # SD3 / FLUX shift; None for SD / SDXL
+latents = (vae.encode(x).latent_dist.sample() - shift) * vae.config.scaling_factor
+recon = vae.decode(latents / vae.config.scaling_factor + shift).sample
 ```
 
 ## Training parameters

@@ -1,7 +1,8 @@
-"""Latent scaling factor: make diffusion latents unit-variance instead of copying 0.18215.
+"""Latent factors: make diffusion latents zero-mean, unit-variance instead of copying 0.18215.
 
 0.18215 is 1/std of *SD's* latents; a retrained VAE has its own. We estimate it the way LDM's
 `scale_by_std` does, on posterior samples over a sample of images, plus per-channel statistics.
+SD3 and FLUX also shift: `(z - shift_factor) * scaling_factor`, with the shift the latents' mean.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def latent_statistics(
     ch_std = (ch_sq / ch_count - ch_mean.pow(2)).clamp_min(0).sqrt()
     return {
         "scaling_factor": 1.0 / std,
+        "shift_factor": mean,  # SD3 / FLUX's shift; 1/std is the scale after it as before it
         "mean": mean,
         "std": std,
         "images": images,
@@ -55,11 +57,15 @@ def shipped_factors(
     config: AutoencoderKLConfig, stats: dict[str, object], encoder_trained: bool
 ) -> tuple[AutoencoderKLConfig, str]:
     """The config to ship and why. A decoder-only fine-tune keeps the encoder, so the latent space
-    the diffusion model was trained on, and with it the model's own `scaling_factor` and
-    `shift_factor`: recomputing them on a small domain set would silently break that diffusion
-    model. Otherwise the factor measured on the training crops replaces the preset's."""
+    the diffusion model was trained on, and with it the model's own `scaling_factor`,
+    `shift_factor` and `force_upcast`: recomputing them on a small domain set would silently
+    break that diffusion model. Otherwise both factors measured on the training crops replace the
+    old ones; a shift only for families that use one (SD3, FLUX): SD and SDXL pipelines read
+    `scaling_factor` alone, so a shift there would be ignored and its scale off-centre."""
     if not encoder_trained:
         return config, "kept: decoder-only fine-tune, the encoder and its latent space are unchanged"
     if not stats:
         return config, "kept: export.compute_scaling_factor is false"
-    return config.replace(scaling_factor=float(stats["scaling_factor"])), "computed: 1/std of posterior samples"
+    shift = None if config.shift_factor is None else float(stats["shift_factor"])
+    note = "computed: 1/std of posterior samples" + (", shift their mean" if shift is not None else "")
+    return config.replace(scaling_factor=float(stats["scaling_factor"]), shift_factor=shift), note

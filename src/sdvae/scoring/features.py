@@ -78,21 +78,28 @@ def _cat(states: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     return torch.cat(states) if states else torch.zeros(0)
 
 
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """Tr((S1 S2)^1/2) for covariance matrices, through two symmetric eigendecompositions.
+
+    (S1 S2)^1/2 has the eigenvalues of (S1^1/2 S2 S1^1/2)^1/2, which is symmetric and PSD, so
+    the trace needs no general matrix square root: 2 x `eigh` is ~4x faster than scipy's
+    `sqrtm` on 2048 x 2048 (10 s a model on a 2-core CPU) and stays exact where the
+    covariances are rank-deficient (fewer images than features), where `sqrtm` needs a ridge.
+    """
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root @ s2 @ root)
+    return float(np.sqrt(np.clip(inner, 0.0, None)).sum())
+
+
 def frechet_distance(real: dict[str, object], fake: dict[str, object]) -> float | None:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), in float64; None with fewer than 2 images."""
     if min(int(real["n"]), int(fake["n"])) < 2:  # type: ignore[call-overload]
         return None
-    from scipy import linalg
-
     mu1, mu2 = (np.asarray(s["mean"].cpu(), dtype=np.float64) for s in (real, fake))  # type: ignore[union-attr]
     s1, s2 = (np.asarray(s["cov"].cpu(), dtype=np.float64) for s in (real, fake))  # type: ignore[union-attr]
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
-        offset = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = np.real(covmean)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
 
 
 def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, object]:

@@ -59,6 +59,7 @@ class ScoreOptions:
     kid_max_images: int = 5000
     progress: bool = True
     save_images: str | None = None  # folder for PNG dumps of inputs and reconstructions
+    inception: bool = True  # False: no rFID / KID (a machine without the Inception weights)
 
 
 @dataclass
@@ -147,7 +148,7 @@ def score_models(
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=options.workers, collate_fn=collate)
 
     perceptual = ReferenceLPIPS(build_lpips(weights).to(device))
-    inception = build_inception(inception_weights(weights)).to(device)
+    inception = build_inception(inception_weights(weights)).to(device) if options.inception else None
     bicubic = _bicubic_shape(candidates)
     real = FeatureStats(options.kid_max_images).to(device)
     scored = []
@@ -171,7 +172,8 @@ def score_models(
             continue
         x8, index = batch["images"].to(device), batch["index"].to(device)
         x = x8.float().div(127.5).sub(1.0)
-        real.update(inception_features(inception, x8), index)
+        if inception is not None:
+            real.update(inception_features(inception, x8), index)
         perceptual.set_reference(x)
         rows = [x8]
         for reconstruct, m in scored:
@@ -182,7 +184,8 @@ def score_models(
                 m.ssim_gaussian.update(ssim_gaussian(x8, rec8))
                 m.ssim_uniform.update(ssim_uniform(x8, rec8))
                 m.lpips.update(perceptual.distances(rec8.float().div(127.5).sub(1.0)))
-            m.features.update(inception_features(inception, rec8), index)
+            if inception is not None:
+                m.features.update(inception_features(inception, rec8), index)
             if m.latents is not None and z is not None:
                 m.latents.update(z)
             rows.append(rec8)
@@ -198,20 +201,24 @@ def score_models(
     seconds = time.perf_counter() - start
     all_skipped = [s for part in _gather_objects(skipped, world) for s in part]
 
-    real_stats = real.compute()
-    n_real = int(real_stats["n"])
+    real_stats = real.compute() if inception is not None else None
+    n_real = int(scored[0][1].psnr.compute()["n"])  # every model scores the same images
     results: dict[str, Any] = {}
     for _, m in scored:
-        fake_stats = m.features.compute()
         entry: dict[str, Any] = {
             "psnr": m.psnr.compute(),
             "ssim_gaussian": m.ssim_gaussian.compute(),
             "ssim_uniform": m.ssim_uniform.compute(),
             "lpips": m.lpips.compute(),
         }
-        fid = frechet_distance(real_stats, fake_stats)
-        entry["rfid"] = {"value": fid, "n": n_real, "reliable": n_real >= FID_RELIABLE_FROM}
-        entry["kid"] = kernel_inception_distance(real_stats["kid_features"].cpu(), fake_stats["kid_features"].cpu())
+        if real_stats is not None:
+            fake_stats = m.features.compute()
+            fid = frechet_distance(real_stats, fake_stats)
+            entry["rfid"] = {"value": fid, "n": n_real, "reliable": n_real >= FID_RELIABLE_FROM}
+            entry["kid"] = kernel_inception_distance(real_stats["kid_features"].cpu(), fake_stats["kid_features"].cpu())
+        else:
+            entry["rfid"] = {"value": None, "n": n_real, "reliable": False}
+            entry["kid"] = {"mean": None, "std": None, "subset_size": 0, "subsets": 0}
         entry["latents"] = m.latents.compute() if m.latents is not None else None
         entry["sha256"] = m.candidate.sha256
         entry["source"] = m.candidate.source

@@ -271,3 +271,52 @@ def test_queued_parallel_and_temp_experiments_land_in_the_workspace_store(projec
         }
     versions = client.search_model_versions("name='sdvae'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs.values())
+
+
+def test_a_sixteen_channel_model_and_its_decoder_only_fine_tune_through_the_pipeline(project):
+    """FLUX-like (16 latent channels, no quant convs, a shift) through train, evaluate, export and
+    diffusers; then a decoder-only fine-tune of that export, which ships the factors it started from."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    base, repo, env = project
+    original = (repo / "params.yaml").read_text()
+    flux_like = ["model.latent_channels=16", "model.use_quant_conv=false", "model.use_post_quant_conv=false"]
+    flux_like = [arg for s in [*flux_like, "model.shift_factor=0.5"] for arg in ("-S", s)]
+    try:
+        _run(["dvc", "exp", "run", "-n", "c16", *flux_like], repo, env)
+        export = json.loads((repo / "metrics/export.json").read_text())
+        stats = export["latent_stats"]
+        assert export["factors_before"]["shift_factor"] == 0.5  # the preset's, replaced by the measured ones
+        assert export["shift_factor"] == pytest.approx(stats["mean"]) and export["shift_factor"] != 0.5
+        assert export["scaling_factor"] == pytest.approx(1 / stats["std"])
+        assert export["fp16_decode"]["overflows_fp16"] is False
+        evals = json.loads((repo / "metrics/eval.json").read_text())
+        assert evals["models"]["model"]["latents"]["channels"] == 16
+        assert evals["protocol"]["bicubic_values_of"] == "f2c16 latent"  # the baseline keeps as many values
+        vae = diffusers.AutoencoderKL.from_pretrained(repo / "models/vae")
+        layout = (vae.config.latent_channels, vae.config.use_quant_conv, vae.config.use_post_quant_conv)
+        assert layout == (16, False, False)
+        assert vae.config.shift_factor == pytest.approx(export["shift_factor"])
+        assert "before this export: scaling_factor" in (repo / "models/vae/README.md").read_text()
+
+        init = base / "c16-vae"
+        shutil.copytree(repo / "models/vae", init)
+        tune = ["-S", f"train.init_from={init}", "-S", "train.decoder_only=true"]
+        _run(["dvc", "exp", "run", "-n", "c16-decoder", *flux_like, *tune], repo, env)
+        tuned = json.loads((repo / "metrics/export.json").read_text())
+        assert (tuned["scaling_factor"], tuned["shift_factor"]) == (export["scaling_factor"], export["shift_factor"])
+        assert "decoder-only" in tuned["scaling_factor_source"]
+        theirs = diffusers.AutoencoderKL.from_pretrained(repo / "models/vae").config
+        mine = json.loads((init / "config.json").read_text())
+        for key in ("scaling_factor", "shift_factor", "force_upcast", "latent_channels"):
+            assert theirs[key] == mine[key], key
+        before = load_file(init / "diffusion_pytorch_model.safetensors")
+        after = load_file(repo / "models/vae/diffusion_pytorch_model.safetensors")
+        frozen = [k for k in before if k.startswith("encoder.")]
+        assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+        assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+        assert "unchanged from the model training started from" in (repo / "models/vae/README.md").read_text()
+    finally:
+        (repo / "params.yaml").write_text(original)

@@ -41,9 +41,9 @@ from results import store_entry  # noqa: E402
 
 PHASES: tuple[tuple[str, float], ...] = (  # name, share of the budget
     ("environment", 0.03),
-    ("correctness", 0.17),
-    ("step", 0.35),
-    ("trainer", 0.35),
+    ("correctness", 0.15),
+    ("step", 0.30),
+    ("trainer", 0.42),
     ("evaluation", 0.10),
 )
 

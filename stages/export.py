@@ -33,7 +33,11 @@ def main() -> None:
     if x.compute_scaling_factor:
         stats = latent_statistics(model, (to_model_range(b) for b in loader), seed=cfg.data.seed)
     encoder_trained = not (cfg.train.decoder_only and cfg.train.init_from)
-    before = {"scaling_factor": model.config.scaling_factor, "shift_factor": model.config.shift_factor}
+    before = {
+        "scaling_factor": model.config.scaling_factor,
+        "shift_factor": model.config.shift_factor,
+        "from": cfg.train.init_from or f"preset {cfg.model.preset}",
+    }
     model.config, factor_note = shipped_factors(model.config, stats, encoder_trained)
     stats["factor_source"] = factor_note
     stats["factors_before"] = before

@@ -278,7 +278,6 @@ def test_a_sixteen_channel_model_and_its_decoder_only_fine_tune_through_the_pipe
     diffusers; then a decoder-only fine-tune of that export, which ships the factors it started from."""
     import diffusers
     import torch
-    from safetensors.torch import load_file
 
     base, repo, env = project
     original = (repo / "params.yaml").read_text()
@@ -299,24 +298,31 @@ def test_a_sixteen_channel_model_and_its_decoder_only_fine_tune_through_the_pipe
         layout = (vae.config.latent_channels, vae.config.use_quant_conv, vae.config.use_post_quant_conv)
         assert layout == (16, False, False)
         assert vae.config.shift_factor == pytest.approx(export["shift_factor"])
-        assert "before this export: scaling_factor" in (repo / "models/vae/README.md").read_text()
+        assert (
+            "replacing the preset tiny's scaling_factor 0.18215, shift_factor 0.5"
+            in (repo / "models/vae/README.md").read_text()
+        )
 
-        init = base / "c16-vae"
-        shutil.copytree(repo / "models/vae", init)
+        # the path of BFL's ae.safetensors: one LDM-layout file with bare keys and no factors of its
+        # own; the family (here FLUX's factors on the tiny stand-in) supplies them
+        from sdvae.formats import load_any
+        from sdvae.formats.ldm import save_ldm
+
+        init = save_ldm(load_any(repo / "models/vae"), base / "c16-ae.safetensors")
+        family = ["-S", "model.scaling_factor=0.3611", "-S", "model.shift_factor=0.1159"]
         tune = ["-S", f"train.init_from={init}", "-S", "train.decoder_only=true"]
-        _run(["dvc", "exp", "run", "-n", "c16-decoder", *flux_like, *tune], repo, env)
+        _run(["dvc", "exp", "run", "-n", "c16-decoder", *flux_like, *family, *tune], repo, env)
         tuned = json.loads((repo / "metrics/export.json").read_text())
-        assert (tuned["scaling_factor"], tuned["shift_factor"]) == (export["scaling_factor"], export["shift_factor"])
+        assert (tuned["scaling_factor"], tuned["shift_factor"]) == (0.3611, 0.1159)
         assert "decoder-only" in tuned["scaling_factor_source"]
         theirs = diffusers.AutoencoderKL.from_pretrained(repo / "models/vae").config
-        mine = json.loads((init / "config.json").read_text())
-        for key in ("scaling_factor", "shift_factor", "force_upcast", "latent_channels"):
-            assert theirs[key] == mine[key], key
-        before = load_file(init / "diffusion_pytorch_model.safetensors")
-        after = load_file(repo / "models/vae/diffusion_pytorch_model.safetensors")
-        frozen = [k for k in before if k.startswith("encoder.")]
-        assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-        assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-        assert "unchanged from the model training started from" in (repo / "models/vae/README.md").read_text()
+        assert (theirs.scaling_factor, theirs.shift_factor, theirs.latent_channels) == (0.3611, 0.1159, 16)
+        assert theirs.force_upcast == vae.config.force_upcast
+        start = load_any(init).state_dict()
+        after = load_any(repo / "models/vae").state_dict()
+        frozen = [k for k in start if k.startswith("encoder.")]
+        assert frozen and all(torch.equal(start[k], after[k]) for k in frozen)
+        assert not all(torch.equal(start[k], after[k]) for k in start if k.startswith("decoder."))
+        assert f"unchanged from the model training started from ({init})" in (repo / "models/vae/README.md").read_text()
     finally:
         (repo / "params.yaml").write_text(original)

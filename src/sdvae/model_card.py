@@ -24,12 +24,19 @@ def _table(scores: dict[str, Any]) -> str:
 def _before(cfg: Any, stats: dict[str, Any]) -> str:
     old = stats.get("factors_before")
     if not old:
-        return "the source's factors are not recorded."
-    if (old["scaling_factor"], old["shift_factor"]) == (cfg.scaling_factor, cfg.shift_factor):
-        return "unchanged from the model training started from."
+        return "the factors before this export are not recorded."
+    source = old.get("from") or "the preset"
+    same = (old["scaling_factor"], old["shift_factor"]) == (cfg.scaling_factor, cfg.shift_factor)
+    if source.startswith("preset"):
+        if same:
+            return f"the {source}'s own."
+        scale, shift = old["scaling_factor"], old["shift_factor"]
+        return f"replacing the {source}'s scaling_factor {scale:.6g}, shift_factor {shift}."
+    if same:
+        return f"unchanged from the model training started from ({source})."
     return (
-        f"before this export: scaling_factor {old['scaling_factor']:.6g}, shift_factor {old['shift_factor']} "
-        "(a diffusion model trained on the old latents needs the old factors, or retraining)."
+        f"the model training started from ({source}) had scaling_factor {old['scaling_factor']:.6g}, "
+        f"shift_factor {old['shift_factor']}: a diffusion model trained on its latents needs those, or retraining."
     )
 
 

@@ -1,0 +1,55 @@
+"""FID's trace term Tr((S1 S2)^1/2): two symmetric eigendecompositions (ours) against scipy's
+general `sqrtm` of the product (torch-fidelity's and pytorch-fid's way), on 2048-d covariances
+of Gaussian features with N below and above the dimension, timed alternately in one process.
+
+    python bench/fid_trace.py [--repeats 3] [--out metrics/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import linalg
+
+from results import store_entry
+from sdvae.scoring.features import FEATURES, trace_sqrt_product
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "metrics/bench.json"))
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    entry: dict = {"command": "python bench/fid_trace.py", "features": FEATURES, "cpus": os.cpu_count(), "cases": {}}
+    for images in (26, 5000):
+        a = rng.standard_normal((images, FEATURES))
+        b = 0.8 * a + 0.6 * rng.standard_normal((images, FEATURES))
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        ours_t, ref_t = [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            ours = trace_sqrt_product(s1, s2)
+            ours_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ref = float(np.trace(np.real(linalg.sqrtm(s1 @ s2))))
+            ref_t.append(time.perf_counter() - t)
+        entry["cases"][f"n_{images}"] = {
+            "eigh_s": statistics.median(ours_t),
+            "sqrtm_s": statistics.median(ref_t),
+            "ratio_speed_eigh_over_sqrtm": statistics.median(ref_t) / statistics.median(ours_t),
+            "relative_difference": abs(ours - ref) / abs(ref),
+        }
+        print(images, entry["cases"][f"n_{images}"], flush=True)
+    store_entry(args.out, "fid_trace", entry)
+
+
+if __name__ == "__main__":
+    main()

@@ -212,6 +212,8 @@ def step(ctx: Context, record: Record, deadline: float) -> None:
         del ae, ours, theirs, fn
     record("flops_per_image", flops)
     for batch in batches:
+        # a shape seen before makes dynamo recompile with a dynamic batch: every size starts clean
+        torch._dynamo.reset()
         rows = bench_train_step(preset, lpips_net, batch, res, repeats, ctx.device, dtype, variants=variants)
         for name in variants:
             algo = "diffusers" if name in ("diffusers", "ours_reference", "diffusers_compiled") else "ours_one_backward"
@@ -385,6 +387,7 @@ def trainer(ctx: Context, record: Record, deadline: float) -> None:
             "planned_compile_s": compile_s,
         },
     )
+    torch._dynamo.reset()  # the trainer compiles as a fresh process would (static shapes)
     module = VAEGANModule(cfg, build_autoencoder(cfg.model, res), copy.deepcopy(ctx.lpips_net()))
     data = ImageDataModule(caches / "train", caches / "eval", batch, res, cfg.data.train_short_side, workers, 4, 0)
     clock = StepClock(sync=ctx.cuda)

@@ -40,9 +40,10 @@ cpu_paths() {
     # inductor's on-disk cache is not keyed on ATEN_CPU_CAPABILITY: kernels built for one path crash
     # another, so an ATen path gets a cache of its own. oneDNN's kernels are JIT-built at run time
     # for the capped ISA and never land in inductor's cache, so oneDNN paths share the native one.
+    # The ATen caches live with the user's other caches, so a second run on the same machine is warm.
     local cache=()
     if [[ "$path" == ATEN_* ]]; then
-      cache=("TORCHINDUCTOR_CACHE_DIR=${TMPDIR:-/tmp}/sdvae-inductor-${path//[^A-Za-z0-9]/_}")
+      cache=("TORCHINDUCTOR_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/sdvae/inductor/${path//[^A-Za-z0-9]/_}")
     fi
     env "$path" "${cache[@]}" python -m pytest -m cpu_paths -q -p no:cacheprovider "$@" 2>&1 | tee "$log" || rc=$?
     summary+=("$path: $(grep -E '[0-9]+ (passed|failed|error)' "$log" | tail -1 | tr -d '=' | sed 's/^ *//' || true) (exit $rc)")

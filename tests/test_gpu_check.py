@@ -18,11 +18,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 def test_smoke_run_on_cpu_completes_every_phase_with_measured_figures(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--smoke", "--device", "cpu", "--out", str(out), "--budget-s", "300"],
+        [sys.executable, "bench/gpu_check.py", "--smoke", "--device", "cpu", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     result = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from gpu_correctness import check_gradients
-from train_step import VARIANTS, bench_train_step, counted_flops, make_step
+from train_step import VARIANTS, bench_train_step, counted_flops, make_step, twin_models
 
 Record = Callable[[str, Any], None]
 GIB = 2**30
@@ -196,8 +196,6 @@ def step(ctx: Context, record: Record, deadline: float) -> None:
     flops = {}
     x = (torch.rand(2, 3, res, res) * 2 - 1).to(ctx.device)
     for name, is_diffusers in (("diffusers", True), ("ours_one_backward", False)):
-        from train_step import twin_models
-
         ours, theirs = twin_models(preset)
         ae = (theirs if is_diffusers else ours).to(ctx.device).train()
         fn, _ = make_step(
@@ -226,7 +224,13 @@ def step(ctx: Context, record: Record, deadline: float) -> None:
     if not ctx.cuda:
         record("memory", "CUDA peak memory only; not measured on CPU")
         return
-    memory: dict[str, Any] = {"preset": preset, "resolution": res, "dtype": "bfloat16", "variant": "ours_one_backward"}
+    memory: dict[str, Any] = {
+        "preset": preset,
+        "resolution": res,
+        "dtype": "bfloat16",
+        "variant": "ours_one_backward",
+        "measure": "torch.cuda.max_memory_allocated over two steps (tensors; CUDA context and cache slack on top)",
+    }
     for checkpointing in (False, True):
         memory[f"peak_gib_batch_8_checkpointing_{checkpointing}"] = _peak_gib(ctx, preset, res, 8, checkpointing)
         record("memory", memory)
@@ -385,6 +389,8 @@ def trainer(ctx: Context, record: Record, deadline: float) -> None:
             "loader_workers": workers,
             "planned_from_images_per_s": rate,
             "planned_compile_s": compile_s,
+            "timing": "host clock per batch, CUDA synchronised at each batch end; loader wait = end of one "
+            "batch to the start of the next",
         },
     )
     torch._dynamo.reset()  # the trainer compiles as a fresh process would (static shapes)

@@ -193,21 +193,12 @@ def step(ctx: Context, record: Record, deadline: float) -> None:
     else:
         preset, res, batches, repeats, variants = "sd-f8c4", 256, (8, 16), 5, VARIANTS
     dtype = torch.bfloat16
-    flops = {}
-    x = (torch.rand(2, 3, res, res) * 2 - 1).to(ctx.device)
-    for name, is_diffusers in (("diffusers", True), ("ours_one_backward", False)):
-        ours, theirs = twin_models(preset)
-        ae = (theirs if is_diffusers else ours).to(ctx.device).train()
-        fn, _ = make_step(
-            ae,
-            is_diffusers,
-            copy.deepcopy(lpips_net).to(ctx.device),
-            x,
-            one_backward=not is_diffusers,
-            autocast_dtype=dtype,
-        )
-        flops[name] = counted_flops(fn) / 2
-        del ae, ours, theirs, fn
+    ours, theirs = twin_models(preset)
+    flops = {
+        "diffusers": _flops_per_image(ctx, theirs, True, res),
+        "ours_one_backward": _flops_per_image(ctx, ours, False, res),
+    }
+    del ours, theirs
     record("flops_per_image", flops)
     for batch in batches:
         # a shape seen before makes dynamo recompile with a dynamic batch: every size starts clean
@@ -243,6 +234,20 @@ def step(ctx: Context, record: Record, deadline: float) -> None:
         largest = batch
     memory["largest_batch_checkpointing_within_8_gib"] = largest
     record("memory", memory)
+
+
+def _flops_per_image(ctx: Context, ae: torch.nn.Module, is_diffusers: bool, res: int, gan: bool = True) -> float:
+    """Counted FLOPs per image of one bf16 training step (train_step.make_step) of a copy of `ae`."""
+    x = (torch.rand(2, 3, res, res) * 2 - 1).to(ctx.device)
+    model = copy.deepcopy(ae).to(ctx.device).train()
+    lpips_net = copy.deepcopy(ctx.lpips_net()).to(ctx.device)
+    fn, _ = make_step(
+        model, is_diffusers, lpips_net, x, one_backward=not is_diffusers, gan=gan, autocast_dtype=torch.bfloat16
+    )
+    flops = counted_flops(fn) / 2
+    del model, lpips_net, fn
+    _free(ctx)
+    return flops
 
 
 def _free(ctx: Context) -> None:
@@ -335,21 +340,9 @@ def trainer(ctx: Context, record: Record, deadline: float) -> None:
     prepare_split(train_dir, caches / "train", spec)
     prepare_split(eval_dir, caches / "eval", dataclasses.replace(spec, mode="eval", samples_per_image=1))
     record("prepare_s", time.perf_counter() - t)
-    flops = {}
-    x = (torch.rand(2, 3, res, res) * 2 - 1).to(ctx.device)
-    for gan in (False, True):
-        ae = build_autoencoder(ModelConfig(preset=preset), res).to(ctx.device).train()
-        fn, _ = make_step(
-            ae,
-            False,
-            copy.deepcopy(ctx.lpips_net()).to(ctx.device),
-            x,
-            one_backward=True,
-            gan=gan,
-            autocast_dtype=torch.bfloat16,
-        )
-        flops[gan] = counted_flops(fn) / 2
-        del ae, fn
+    model = build_autoencoder(ModelConfig(preset=preset), res)
+    flops = {gan: _flops_per_image(ctx, model, False, res, gan=gan) for gan in (False, True)}
+    del model
     _free(ctx)
     train_s = deadline - time.perf_counter() - (5 if smoke else 25)  # room to save the model
     rate = ctx.rates.get(f"ours_compiled@{batch}") or ctx.rates.get(f"ours_one_backward@{batch}") or 50.0

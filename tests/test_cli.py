@@ -221,6 +221,7 @@ def test_outputs_are_written_atomically_with_shared_modes(model_dir, images, tmp
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
 
 
+@pytest.mark.cpu_paths
 def test_sixteen_channel_latents_carry_shift_and_scale_and_decode_back(tmp_path, photos):
     """FLUX / SD3 layout: the saved latent is (z - shift) * scale, its metadata says so, and
     decode undoes exactly that."""

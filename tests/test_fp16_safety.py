@@ -1,5 +1,6 @@
 """An fp16 decode that overflows is reported and keeps `force_upcast: true`; one that does not is left alone."""
 
+import pytest
 import torch
 
 from sdvae.fp16_safety import FP16_MAX, fp16_decode_report, guarded_config
@@ -15,6 +16,7 @@ def _model_and_latents(photos):
         return model, model.encode(x).mode()
 
 
+@pytest.mark.cpu_paths
 def test_a_decoder_within_fp16_range_decodes_in_fp16_and_keeps_its_config(photos):
     model, z = _model_and_latents(photos)
     report = fp16_decode_report(model, z)
@@ -25,6 +27,7 @@ def test_a_decoder_within_fp16_range_decodes_in_fp16_and_keeps_its_config(photos
     assert next(model.parameters()).dtype == torch.float32  # the report decodes a copy in fp16
 
 
+@pytest.mark.cpu_paths
 def test_an_overflowing_decoder_is_reported_where_it_overflows_and_gets_force_upcast(photos):
     model, z = _model_and_latents(photos)
     with torch.no_grad():  # SDXL-like: one layer's activations far past 65504

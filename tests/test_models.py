@@ -319,6 +319,7 @@ def test_a_decoder_only_fine_tune_ships_the_latent_factors_it_started_from():
     assert (fresh.scaling_factor, fresh.shift_factor, fresh.force_upcast) == (2.5, None, True)
 
 
+@pytest.mark.cpu_paths
 def test_latent_statistics_give_the_scale_and_shift_that_standardise_the_latents(photos):
     from sdvae.scaling import latent_statistics
 

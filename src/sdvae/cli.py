@@ -74,6 +74,7 @@ def _model_info(spec: str, image: str | None, resolution: int) -> dict[str, obje
     import numpy as np
     import torch
 
+    from sdvae.data.datamodule import to_model_range
     from sdvae.data.images import center_crop, load_rgb, resize_short_side
     from sdvae.data.sources import skimage_photo
     from sdvae.formats import load_any
@@ -83,7 +84,7 @@ def _model_info(spec: str, image: str | None, resolution: int) -> dict[str, obje
     model = load_any(spec).eval()
     pixels = load_rgb(image, 16, 10**9) if image else np.asarray(skimage_photo("astronaut"))
     pixels = center_crop(resize_short_side(pixels, resolution), resolution)
-    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+    x = to_model_range(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None])
     with torch.no_grad():
         z = model.encode(x).mode()
     c = model.config

@@ -38,8 +38,8 @@ from sdvae.evaluation import ReconstructionMetrics
 from sdvae.formats.diffusers import save_diffusers
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder
+from sdvae.training.measured import measure_setup
 from sdvae.training.module import VAEGANModule
-from sdvae.training.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("lpips", "psnr", "ssim")
@@ -83,7 +83,7 @@ def recipe_config(base: dict[str, Any], overrides: dict[str, Any], seed: int, st
         section, name = key.split(".")
         data[section][name] = value
     # disc_start keeps its share of the run, so short runs see the GAN phase too
-    full = base["train"]["max_steps"]
+    full = base["train"]["max_steps"] or base["train"]["plan_steps"]
     if "loss.disc_start" not in overrides and steps != full:
         data["loss"]["disc_start"] = round(base["loss"]["disc_start"] * steps / full)
     return config_from_dict(data)
@@ -128,8 +128,10 @@ def run_one(
     cfg: Config, train_dir: Path, eval_dir: Path, every: int, lpips_net: torch.nn.Module, save: Path | None
 ) -> dict[str, Any]:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    precision = resolve_precision(cfg.train.precision, "cpu")
-    module = VAEGANModule(cfg, build_autoencoder(cfg.model, cfg.train.resolution), lpips_net)
+    autoencoder = build_autoencoder(cfg.model, cfg.train.resolution)
+    precision = measure_setup(cfg, autoencoder, lpips_net).precision  # `auto`: timed on this machine
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = VAEGANModule(cfg, autoencoder, lpips_net)
     data = ImageDataModule(
         train_dir, eval_dir, cfg.train.batch_size, cfg.train.resolution, cfg.data.train_short_side, 0, 1, cfg.train.seed
     )
@@ -234,7 +236,8 @@ def main() -> None:
     if args.loader == "legacy":
         use_legacy_loader()  # bench/legacy_loader.py
     base = yaml.safe_load(Path(args.params).read_text())
-    steps = args.steps or base["train"]["max_steps"]
+    # a budgeted default (max_steps null) is compared at its reference length: the same windows for every recipe
+    steps = args.steps or base["train"]["max_steps"] or base["train"]["plan_steps"]
     train_dir, eval_dir, runs_file = Path(args.train), Path(args.eval), Path(args.runs)
     cfg0 = config_from_dict(base)
     lpips_net = build_lpips(cfg0.weights)

@@ -62,7 +62,7 @@ def main() -> None:
         print(json.dumps(child(repeats)))
         return
     from run import machine
-    from sdvae.training.precision import cpu_flags, resolve_precision
+    from sdvae.training.precision import BF16_MARGIN, cpu_flags
 
     flags = cpu_flags()
     rows: dict = {
@@ -71,7 +71,7 @@ def main() -> None:
         "step": "tiny preset, 64 px, batch 8, GAN on, one-backward step; median of interleaved repeats",
         "repeats": repeats,
         "cpu_bf16_flags": sorted(f for f in flags if "bf16" in f),
-        "auto_resolves_to": resolve_precision("auto", "cpu", flags),
+        "auto_rule": f"bf16 when its timed window is at least {BF16_MARGIN}x faster than fp32's, else fp32",
     }
     for name, onednn_isa, aten_cap in ISA_CAPS:
         env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
@@ -79,6 +79,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child"] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows[name]["auto_picks"] = "bf16-mixed" if rows[name]["ratio_bf16_over_fp32"] >= BF16_MARGIN else "32"
         print(name, rows[name], flush=True)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# timings measured by tests (tiny models, a loaded machine) must never reach the user's cache
+os.environ["SDVAE_TIMING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="sdvae-timings-"), "timings.json")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

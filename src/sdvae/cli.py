@@ -25,8 +25,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sdvae.models.factory import architecture
-    from sdvae.training.precision import resolve_precision
+    from sdvae.models.factory import architecture, build_autoencoder
+    from sdvae.training.measured import cached_decision
 
     versions = {}
     for dist in (
@@ -58,7 +58,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         cfg = load_config(args.params)
         arch = architecture(cfg.model, cfg.train.resolution)
         info["config"] = cfg.to_dict()
-        info["train_precision_here"] = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+        info["measured_here"] = (
+            cached_decision(cfg, build_autoencoder(cfg.model, cfg.train.resolution))
+            if cfg.train.init_from is None
+            else "timed at the start of training (the architecture comes from train.init_from)"
+        )
         info["architecture"] = {**arch.__dict__, "downsample_factor": arch.downsample_factor}
     except ConfigError as exc:
         print(f"sdvae: invalid params: {exc}", file=sys.stderr)

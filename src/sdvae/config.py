@@ -99,7 +99,12 @@ class DiscriminatorConfig:
 class TrainConfig:
     resolution: int = num(64, ge=8)
     batch_size: int = num(8, ge=1)
-    max_steps: int = num(1000, ge=1)  # optimisation windows (each = accumulate_grad_batches batches)
+    max_steps: int | None = num(1000, ge=1)  # optimisation windows (each = accumulate_grad_batches batches)
+    # null max_steps: the window count is planned to fit this many seconds of training windows on
+    # the machine at hand, and the step-valued schedule (loss.disc_start, loss.perceptual_start,
+    # val_every, checkpoint_every, the LR schedule's length) is scaled by planned / plan_steps.
+    time_budget_s: float = num(0.0, ge=0.0)
+    plan_steps: int = num(1000, ge=1)  # the run length the step-valued params are written for
     accumulate_grad_batches: int = num(1, ge=1)
     lr: float = num(2e-4, gt=0.0)
     disc_lr: float | None = num(None, gt=0.0)
@@ -351,6 +356,11 @@ def _check_config(cfg: Config) -> None:
                     f"{key}: expected a multiple of the model's downsampling factor {factor} "
                     f"(model.preset {cfg.model.preset!r}), got {value}"
                 )
+    if cfg.train.max_steps is None and cfg.train.time_budget_s <= 0:
+        raise ConfigError(
+            "train.max_steps: null plans the run to train.time_budget_s, which must then be > 0 "
+            f"(got {cfg.train.time_budget_s}); set train.max_steps to a number of windows or give a budget"
+        )
     lo, _ = cfg.data.train_short_side
     if lo < cfg.train.resolution:
         raise ConfigError(

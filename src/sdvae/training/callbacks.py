@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -43,10 +44,11 @@ class ClosesResumedEpoch(L.Callback):
 
 
 class AtomicLastCheckpoint(L.Callback):
-    """Writes `last.ckpt` every N windows (and at the end) via a temp file + rename."""
+    """Writes `last.ckpt` every `plan.checkpoint_every` windows (and at the end) via a temp file +
+    rename."""
 
-    def __init__(self, dirpath: str | Path, every: int) -> None:
-        self.dirpath, self.every = Path(dirpath), every
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
 
     def _save(self, trainer: L.Trainer) -> None:
         tmp = self.dirpath / ".last.ckpt.tmp"
@@ -57,7 +59,7 @@ class AtomicLastCheckpoint(L.Callback):
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if getattr(pl_module, "window_done", False) and pl_module.windows % self.every == 0:
+        if getattr(pl_module, "window_done", False) and pl_module.windows % pl_module.plan.checkpoint_every == 0:
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,7 +78,7 @@ class ValidationGrid(L.Callback):
         if grid is None or not trainer.is_global_zero:
             return
         scores = getattr(pl_module, "val_scores", {})
-        caption = f"validation at step {pl_module.windows}/{pl_module.cfg.train.max_steps}"
+        caption = f"validation at step {pl_module.windows}/{pl_module.plan.windows}"
         shown = [f"{k.upper()} {scores[f'val/{k}']:.3f}" for k in ("lpips", "psnr", "ssim") if f"val/{k}" in scores]
         caption = " | ".join([caption, *shown])
         label = "model (EMA)" if getattr(pl_module, "ema", None) is not None else "model"
@@ -104,7 +106,7 @@ def write_history(history: list[dict[str, float]], train_csv: Path, val_csv: Pat
                 w.writerow([int(r["step"]), *(f"{r[k]:.6g}" if k in r else "" for k in keys)])
 
 
-def write_final_metrics(history: list[dict[str, float]], path: Path, extra: dict[str, float]) -> None:
+def write_final_metrics(history: list[dict[str, float]], path: Path, extra: dict[str, Any]) -> None:
     last: dict[str, float] = {}
     for r in history:
         last.update({k: v for k, v in r.items() if k != "step"})

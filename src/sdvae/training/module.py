@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -23,20 +24,23 @@ from sdvae.losses import VAEGANLoss
 from sdvae.models.autoencoder_kl import AutoencoderKL
 from sdvae.models.discriminator import NLayerDiscriminator
 from sdvae.training.compiling import compile_for_training
+from sdvae.training.plan import TrainingPlan, initial_plan
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive steps with non-finite loss or gradients."""
 
 
-def lr_lambda(schedule: str, warmup: int, total: int):  # type: ignore[no-untyped-def]
-    """Multiplier on the base LR per optimizer step: constant, linear warmup, or warmup + cosine."""
+def lr_lambda(schedule: str, warmup: int, total: Callable[[], int]) -> Callable[[int], float]:
+    """Multiplier on the base LR per step of its own optimizer: constant, linear warmup, or warmup +
+    cosine. `total()` is that optimizer's step count over the run, read at each step because a
+    budgeted run learns its length after its first windows; the cosine reaches 0 at its last step."""
 
     def fn(step: int) -> float:
         if schedule != "constant" and warmup > 0 and step < warmup:
             return (step + 1) / warmup
         if schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            progress = min(1.0, (step - warmup) / max(1, total() - 1 - warmup))
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
@@ -75,6 +79,7 @@ class VAEGANModule(L.LightningModule):
             for m in (autoencoder.encoder, autoencoder.quant_conv):
                 if m is not None:
                     m.requires_grad_(False)
+        self.plan: TrainingPlan = initial_plan(cfg)  # saved in checkpoints; a budgeted run replans early
         # counters, saved in checkpoints
         self.windows = 0  # optimisation windows completed
         self.g_steps = 0
@@ -103,21 +108,33 @@ class VAEGANModule(L.LightningModule):
         opt_d = torch.optim.AdamW(
             self.discriminator.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
         )
-        total = t.max_steps
+        gan_on = self.cfg.loss.disc_factor > 0
         sched = [
-            torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(t.lr_schedule, t.warmup_steps, total))
-            for o in (opt_g, opt_d)
+            torch.optim.lr_scheduler.LambdaLR(
+                o,
+                lr_lambda(
+                    t.lr_schedule, t.warmup_steps, lambda i=i: self.plan.optimizer_steps(t.gan_schedule, gan_on)[i]
+                ),
+            )
+            for i, o in enumerate((opt_g, opt_d))
         ]
         return [opt_g, opt_d], sched
 
     # -- schedule --------------------------------------------------------------------------------------
     @property
     def gan_active(self) -> bool:
-        return self.g_steps >= self.cfg.loss.disc_start and self.cfg.loss.disc_factor > 0
+        return self.g_steps >= self.plan.disc_start and self.cfg.loss.disc_factor > 0
 
     @property
     def perceptual_active(self) -> bool:
-        return self.g_steps >= self.cfg.loss.perceptual_start
+        return self.g_steps >= self.plan.perceptual_start
+
+    @property
+    def phase(self) -> str:
+        """The schedule phase of the next window, as `step_timing` names them."""
+        if self.gan_active:
+            return "gan"
+        return "perceptual" if self.perceptual_active and self.loss.perceptual is not None else "pixel"
 
     def window_roles(self) -> tuple[bool, bool]:
         """(train generator, train discriminator) for the current window."""
@@ -130,7 +147,7 @@ class VAEGANModule(L.LightningModule):
     # -- training --------------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         t = self.cfg.train
-        if self.windows >= t.max_steps:  # resumed from a checkpoint written at the last window
+        if self.windows >= self.plan.windows:  # resumed from a checkpoint written at the last window
             self.trainer.should_stop = True
             return
         k = t.accumulate_grad_batches
@@ -216,14 +233,14 @@ class VAEGANModule(L.LightningModule):
             self.consecutive_bad = 0
         self.windows += 1
         self._log_window(logs, opt_g)
-        if self.windows >= t.max_steps:
+        if self.windows >= self.plan.windows:
             self.trainer.should_stop = True
 
     def _log_window(self, logs: dict[str, torch.Tensor], opt_g: Any) -> None:
         self.log("step", float(self.windows), prog_bar=True, logger=False)
         if "total_loss" in logs:
             self.log("loss", logs["total_loss"], prog_bar=True, logger=False)
-        if self.windows % self.cfg.train.log_every and self.windows != self.cfg.train.max_steps:
+        if self.windows % self.cfg.train.log_every and self.windows != self.plan.windows:
             return
         now = time.perf_counter()
         row = {f"train/{k}": float(v) for k, v in logs.items()}
@@ -278,6 +295,7 @@ class VAEGANModule(L.LightningModule):
             "micro": self.micro,
         }
         checkpoint["sdvae_history"] = self.history
+        checkpoint["sdvae_plan"] = self.plan.as_record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -287,3 +305,5 @@ class VAEGANModule(L.LightningModule):
         self.windows, self.g_steps, self.d_steps = c["windows"], c["g_steps"], c["d_steps"]
         self.bad_steps, self.micro = c["bad_steps"], c["micro"]
         self.history = list(checkpoint.get("sdvae_history", []))
+        if "sdvae_plan" in checkpoint:
+            self.plan = TrainingPlan(**checkpoint["sdvae_plan"])

@@ -32,7 +32,7 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return
-        total = pl_module.cfg.train.max_steps  # type: ignore[attr-defined]
+        total = pl_module.plan.windows  # type: ignore[attr-defined]
         self._bar = tqdm(
             total=total,
             initial=pl_module.windows,  # type: ignore[attr-defined]
@@ -50,6 +50,7 @@ class StepProgressBar(ProgressBar):
         self._images += int(batch.shape[0]) * trainer.world_size
         if self._bar is None or not getattr(pl_module, "window_done", False):
             return
+        self._bar.total = pl_module.plan.windows  # type: ignore[attr-defined]  # a budgeted run plans early on
         self._bar.update(pl_module.windows - self._bar.n)  # type: ignore[attr-defined]
         postfix = {"img/s": f"{self._images / max(time.perf_counter() - self._t0, 1e-9):.1f}"}
         shown = trainer.progress_bar_metrics

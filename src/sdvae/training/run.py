@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Metric
 
 from sdvae.config import Config, TrackingConfig
 from sdvae.data.datamodule import ImageDataModule
@@ -31,8 +33,10 @@ from sdvae.training.callbacks import (
 )
 from sdvae.training.checkpoints import resumable_checkpoint
 from sdvae.training.compiling import check_compile_supported
+from sdvae.training.measured import measure_setup
 from sdvae.training.module import VAEGANModule
-from sdvae.training.precision import resolve_precision, uses_cuda
+from sdvae.training.plan import TrainingPlan
+from sdvae.training.precision import PrecisionChoice, uses_cuda
 from sdvae.training.progress import StepProgressBar
 from sdvae.training.trainer import build_trainer
 
@@ -107,18 +111,21 @@ class RunBookkeeping(L.Callback):
         trainer.strategy.barrier("sdvae-bookkeeping")
 
 
+def log_plan(logger: MLFlowLogger, plan: TrainingPlan, choice: PrecisionChoice | None) -> None:
+    """The run's plan and, for `auto`, both precisions' timed windows, as MLflow metrics."""
+    values = {f"plan/{k}": float(v) for k, v in plan.as_record().items() if v is not None}
+    if choice is not None:
+        values.update({f"precision/{k}": float(v) for k, v in choice.as_record().items() if k != "precision"})
+    logger.experiment.log_batch(
+        logger.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in sorted(values.items())]
+    )
+
+
 def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     """Train (or resume) and write the raw and EMA autoencoders as diffusers folders."""
-    precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
-    if precision != cfg.train.precision:
-        print(f"train.precision {cfg.train.precision} -> {precision} on this machine")
-        # the resolved value is what MLflow records and what a checkpoint must match to resume
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     if cfg.train.compile:
         check_compile_supported(uses_cuda(cfg.train.accelerator))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    fingerprint = run_fingerprint(cfg, paths)
-    resume, run_id, stale = _resume_state(paths, fingerprint)
     if cfg.train.init_from:  # a diffusers folder (with its config), or a single LDM/SD/FLUX file
         autoencoder = load_any(cfg.train.init_from)
         if Path(cfg.train.init_from).is_file():
@@ -126,7 +133,24 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         autoencoder.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
     else:
         autoencoder = build_autoencoder(cfg.model, cfg.train.resolution)
-    module = VAEGANModule(cfg, autoencoder, build_lpips(cfg.weights))
+    perceptual = build_lpips(cfg.weights)
+    if cfg.train.decoder_only:  # as the module will set it, so the timed step matches the run's
+        for m in (autoencoder.encoder, autoencoder.quant_conv):
+            if m is not None:
+                m.requires_grad_(False)
+    measured = measure_setup(cfg, autoencoder, perceptual)
+    precision = measured.precision
+    if measured.choice is not None:
+        times = ", ".join(f"{p} {s:.3f} s" for p, s in measured.choice.window_s.items())
+        cached = " (cached for this machine)" if measured.choice.from_cache else ""
+        print(f"train.precision auto -> {precision} on this machine: timed window {times}{cached}")
+    if precision != cfg.train.precision:
+        # the resolved value is what MLflow records and what a checkpoint must match to resume
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    fingerprint = run_fingerprint(cfg, paths)
+    resume, run_id, stale = _resume_state(paths, fingerprint)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # the timing drew random numbers
+    module = VAEGANModule(cfg, autoencoder, perceptual)
     datamodule = ImageDataModule(
         paths.train_cache,
         paths.eval_cache,
@@ -150,7 +174,8 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         )
     callbacks = [
         RunBookkeeping(cfg, paths, logger, fingerprint, new_run=run_id is None, stale=stale),
-        AtomicLastCheckpoint(paths.checkpoints, cfg.train.checkpoint_every),
+        *([measured.planner] if measured.planner is not None else []),
+        AtomicLastCheckpoint(paths.checkpoints),
         ValidationGrid(paths.grids, cfg.eval.grid_images),
         StepProgressBar(),
         ClosesResumedEpoch(),
@@ -169,6 +194,8 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         "skipped_steps": module.bad_steps,
         "resumed": resume is not None,
         "precision": precision,
+        "plan": module.plan.as_record(),
+        **({"precision_timing": measured.choice.as_record()} if measured.choice is not None else {}),
     }
     if trainer.is_global_zero:
         raw = module.autoencoder
@@ -187,9 +214,12 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
                 "g_steps": module.g_steps,
                 "d_steps": module.d_steps,
                 "skipped_steps": module.bad_steps,
+                "plan": module.plan.as_record(),
+                **({"precision_timing": measured.choice.as_record()} if measured.choice is not None else {}),
             },
         )
         logger.experiment.log_metric(logger.run_id, "train/final_windows", module.windows, step=module.windows)
+        log_plan(logger, module.plan, measured.choice)
         for f in (paths.metrics, paths.train_csv, paths.val_csv):
             logger.experiment.log_artifact(logger.run_id, str(f), artifact_path="metrics")
     return result

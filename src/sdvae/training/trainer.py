@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.strategies import DDPStrategy
 
 from sdvae.config import Config
+from sdvae.training.plan import initial_plan
 
 
 def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
@@ -28,7 +29,8 @@ def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Tr
         callbacks=callbacks,
         enable_checkpointing=False,
         check_val_every_n_epoch=None,
-        val_check_interval=t.val_every * t.accumulate_grad_batches,
+        # a budgeted run's planner resets this once the run's length is known
+        val_check_interval=initial_plan(cfg).val_every * t.accumulate_grad_batches,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         enable_model_summary=False,

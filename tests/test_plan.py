@@ -1,0 +1,137 @@
+"""Budgeted runs: the window count is planned from timed windows, the schedule keeps its shape."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import lightning as L
+import pytest
+
+from sdvae.config import config_from_dict
+from sdvae.training.module import VAEGANModule, lr_lambda
+from sdvae.training.plan import TrainingPlan, budget_plan, phase_shares, round_down
+from sdvae.training.run import train
+from tests.test_training import caches, make  # noqa: F401 - the module-scoped photo caches
+
+BUDGETED = {"max_steps": None, "plan_steps": 40, "val_every": 1000, "checkpoint_every": 1000, "log_every": 1}
+
+
+def _cfg(**train: object):
+    return config_from_dict(
+        {
+            "model": {"block_out_channels": [16, 32], "norm_num_groups": 8},
+            "loss": {"disc_start": 800, "perceptual_start": 100},
+            "data": {"train_short_side": [32, 96], "min_size": 16},
+            "train": {"resolution": 32, "time_budget_s": 100.0, "plan_steps": 1000, "max_steps": None, **train},
+        }
+    )
+
+
+def test_null_max_steps_needs_a_budget():
+    from sdvae.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.max_steps: null plans the run to train.time_budget_s"):
+        config_from_dict({"train": {"max_steps": None, "time_budget_s": 0}})
+
+
+def test_round_down_keeps_two_significant_digits():
+    assert [round_down(n) for n in (7, 99, 100, 1637, 1699, 20480)] == [7, 99, 100, 1600, 1600, 20000]
+
+
+def test_budget_plan_fills_the_budget_and_scales_the_schedule():
+    cfg = _cfg(val_every=100, checkpoint_every=50)
+    step_s = {"pixel": 0.05, "perceptual": 0.1, "gan": 0.2}
+    shares = phase_shares(cfg, 1000)
+    assert shares == pytest.approx({"pixel": 0.1, "perceptual": 0.7, "gan": 0.2})
+    per_window = 0.1 * 0.05 + 0.7 * 0.1 + 0.2 * 0.2
+    plan = budget_plan(cfg, step_s, calibration=1.0)
+    assert plan.windows == round_down(int(100.0 / per_window)) == 860
+    assert (plan.disc_start, plan.perceptual_start, plan.val_every, plan.checkpoint_every) == (688, 86, 86, 43)
+    half = budget_plan(cfg, step_s, calibration=2.0)  # windows twice as slow: half as many
+    assert half.windows == round_down(int(50.0 / per_window)) == 430
+    assert half.disc_start / half.windows == pytest.approx(plan.disc_start / plan.windows, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "disc_start", "expected"),
+    [("both", 0, (100, 100)), ("both", 30, (100, 70)), ("alternate", 0, (50, 50)), ("alternate", 30, (65, 35))],
+)
+def test_each_lr_schedule_ends_at_zero_on_its_own_optimizers_last_step(schedule, disc_start, expected):
+    plan = TrainingPlan(100, disc_start, 0, 10, 10)
+    assert plan.optimizer_steps(schedule, gan_on=True) == expected
+    for total in expected:
+        fn = lr_lambda("cosine", 5, lambda total=total: total)
+        assert fn(total - 1) == pytest.approx(0.0, abs=1e-12) and fn(total - 2) > 0
+
+
+def test_a_module_runs_its_schedulers_for_the_windows_each_optimizer_steps():
+    cfg = config_from_dict(
+        {
+            "model": {"block_out_channels": [16, 32], "norm_num_groups": 8},
+            "loss": {"disc_start": 30, "perceptual_weight": 0.0},
+            "train": {"resolution": 32, "max_steps": 100, "gan_schedule": "alternate", "lr_schedule": "cosine"},
+        }
+    )
+    from sdvae.models.factory import build_autoencoder
+
+    module = VAEGANModule(cfg, build_autoencoder(cfg.model, 32), None)
+    _, (sch_g, sch_d) = module.configure_optimizers()
+    for sch, steps in ((sch_g, 65), (sch_d, 35)):  # windows 0-29 G only; then G on even, D on odd windows
+        for _ in range(steps - 1):
+            sch.step()
+        assert sch.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+class SlowWindows(L.Callback):
+    """Adds a fixed sleep to every training batch: a slower machine, on purpose."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(self.seconds)
+
+
+@pytest.mark.slow
+def test_a_slowed_step_plans_fewer_windows_with_the_same_schedule_fractions(caches, tmp_path, monkeypatch):  # noqa: F811
+    import sdvae.training.run as run_mod
+
+    monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / "timings.json"))
+    real_build = run_mod.build_trainer
+    plans = {}
+    for sleep in (0.0, 0.15):
+        monkeypatch.setattr(
+            run_mod, "build_trainer", lambda cfg, logger, cbs, s=sleep: real_build(cfg, logger, [*cbs, SlowWindows(s)])
+        )
+        # a fresh cache file per speed: the same machine would otherwise reuse its first calibration
+        monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / f"timings{sleep}.json"))
+        cfg, paths = make(
+            caches, tmp_path / str(sleep), loss={"disc_start": 30}, train={**BUDGETED, "time_budget_s": 8.0}
+        )
+        result = train(cfg, paths)
+        plan = result["plan"]
+        assert plan["budgeted"] and plan["final"] and result["windows"] == plan["windows"]
+        assert json.loads(paths.metrics.read_text())["plan"] == plan
+        plans[sleep] = plan
+    fast, slow = plans[0.0], plans[0.15]
+    assert slow["windows"] < fast["windows"], plans
+    # the sleep alone makes a window at least 0.15 s: the plan cannot exceed the budget's worth
+    assert slow["windows"] <= 8.0 / 0.15 + 1
+    for plan in (fast, slow):
+        assert plan["disc_start"] == round(30 * plan["windows"] / 40)
+
+
+@pytest.mark.slow
+def test_the_same_machine_plans_the_same_run_and_a_resume_keeps_it(caches, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / "timings.json"))
+    cfg, paths = make(caches, tmp_path / "a", loss={"disc_start": 30}, train={**BUDGETED, "time_budget_s": 5.0})
+    first = train(cfg, paths)
+    cache = json.loads((tmp_path / "timings.json").read_text())
+    (entry,) = cache.values()
+    assert set(entry["step_s"]["32"]) == {"perceptual", "gan"} and entry["calibration"]["32"] > 0
+    resumed = train(cfg, paths)  # the finished run, again: its checkpoint's plan
+    assert resumed["resumed"] and resumed["plan"] == first["plan"] and resumed["windows"] == first["windows"]
+    cfg2, paths2 = make(caches, tmp_path / "b", loss={"disc_start": 30}, train={**BUDGETED, "time_budget_s": 5.0})
+    again = train(cfg2, paths2)  # a new run on this machine: planned from the cache, before any window
+    assert not again["resumed"] and again["plan"] == first["plan"]

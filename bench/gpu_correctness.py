@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sdvae.config import LossConfig
@@ -26,19 +27,34 @@ from sdvae.models import AutoencoderKL, NLayerDiscriminator
 from sdvae.training.compiling import compile_for_training
 
 FP32_TOLERANCE = 1e-3
+FP16_LOSS_SCALE = 2.0**16  # GradScaler's initial scale
 BF16_SLACK = 0.01
 
 
 def _gradients(
-    ae: nn.Module, disc: nn.Module, lpips_net: nn.Module, x: torch.Tensor, *, dtype: torch.dtype | None, two_pass: bool
+    ae: nn.Module,
+    disc: nn.Module,
+    lpips_net: nn.Module,
+    x: torch.Tensor,
+    *,
+    dtype: torch.dtype | None,
+    two_pass: bool,
+    loss_scale: float = 1.0,
+    fp32_gan_terms: bool = False,
 ) -> list[torch.Tensor]:
-    """Gradients of one generator step and one discriminator step, posterior noise fixed."""
+    """Gradients of one generator step and one discriminator step, posterior noise fixed.
+    16-mixed as the trainer runs it: `loss_scale` stands in for the GradScaler (backwards scaled,
+    gradients divided after); `fp32_gan_terms` is the trainer's fp16 path (LPIPS, discriminator and
+    the last layer's weight gradient in fp32 on an fp32 copy of the reconstruction)."""
     loss_fn = VAEGANLoss(LossConfig(), lpips_net)
     autocast = torch.autocast(x.device.type, dtype) if dtype is not None else nullcontext()
+    conv_out = ae.decoder.conv_out
+    seen: dict[str, torch.Tensor] = {}
+    hook = conv_out.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", args[0]))
     with autocast:
         disc.requires_grad_(False)
         xrec, post = ae(x, generator=torch.Generator(x.device).manual_seed(1))
-        last = ae.decoder.conv_out.weight
+        last = conv_out.weight
         if two_pass:
             rec, _, _ = loss_fn.reconstruction(x, xrec)
             nll = rec.sum() / x.shape[0]
@@ -47,14 +63,20 @@ def _gradients(
             total = (
                 nll + loss_fn.cfg.kl_weight * post.kl().sum() / x.shape[0] + weight * loss_fn.cfg.disc_weight * g_loss
             )
-        else:
+        elif not fp32_gan_terms:
             total = loss_fn.generator(x, xrec, post, disc(xrec), last).backward
-    total.backward()
+    hook.remove()
+    if fp32_gan_terms:
+        with torch.autocast(x.device.type, enabled=False):
+            xrec32 = xrec.float()
+            last_out = F.conv2d(seen["input"].detach().float(), last, conv_out.bias, padding=conv_out.padding)
+            total = loss_fn.generator(x, xrec32, post, disc(xrec32), last, last_out=last_out).backward
+    (total * loss_scale).backward()
     with autocast:
         disc.requires_grad_(True)
         d_loss, _ = loss_fn.discriminator(disc(x), disc(xrec.detach()))
-    d_loss.backward()
-    return [p.grad.float().clone() for p in (*ae.parameters(), *disc.parameters())]
+    (d_loss * loss_scale).backward()
+    return [p.grad.float().clone() / loss_scale for p in (*ae.parameters(), *disc.parameters())]
 
 
 def _relative_errors(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float | None]:
@@ -90,11 +112,11 @@ def check_gradients(
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
 
-        def run(dtype: torch.dtype | None, *, two_pass: bool = False, compiled: bool = False) -> list[torch.Tensor]:
+        def run(dtype: torch.dtype | None, *, two_pass: bool = False, compiled: bool = False, **fp16: Any) -> list:
             a, d, lp = copy.deepcopy(ae), copy.deepcopy(disc), copy.deepcopy(lpips_net)
             if compiled:
                 compile_for_training(a, d, lp, "default")
-            return _gradients(a, d, lp, x, dtype=dtype, two_pass=two_pass)
+            return _gradients(a, d, lp, x, dtype=dtype, two_pass=two_pass, **fp16)
 
         ref = run(None, two_pass=True)
         bf16 = torch.bfloat16
@@ -117,6 +139,31 @@ def check_gradients(
         if "fp32" in compiled:
             compiled_fp32 = _relative_errors(run(None, compiled=True), ref)
             out["compile_fp32_vs_eager_fp32"] = _within_fp32(compiled_fp32, names)
+        if device.type == "cuda":  # 16-mixed: pre-Ampere GPUs' precision; fp16 autocast is a CUDA path
+
+            def scaled(**how: Any) -> tuple[list[torch.Tensor], float]:
+                """As GradScaler settles: the largest power-of-two scale whose gradients are finite."""
+                scale = FP16_LOSS_SCALE
+                while True:
+                    grads = run(torch.float16, loss_scale=scale, **how)
+                    if all(torch.isfinite(g).all() for g in grads) or scale <= 1.0:
+                        return grads, scale
+                    scale /= 2
+
+            fp16, scale = scaled(fp32_gan_terms=True)  # the trainer's 16-mixed
+            errors = _relative_errors(fp16, ref)
+            out["fp16_mixed_one_backward_vs_fp32"] = {
+                **_within_precision(errors, bf16_eager, names),
+                "loss_scale": scale,
+            }
+            # the GAN terms in fp16 (the trainer before the fix): recorded, not judged
+            before, scale = scaled()
+            out["fp16_gan_terms_in_fp16_vs_fp32"] = {
+                **_summary(_relative_errors(before, ref), names),
+                "loss_scale": scale,
+            }
+        else:
+            out["fp16"] = "16-mixed is checked on CUDA only (Lightning runs 16-mixed as bf16 on a CPU)"
         out["channels_last"] = "not an option of sdvae (eager NHWC was 0.85x on an H100), so not checked"
         out["passed"] = all(v["passed"] for v in out.values() if isinstance(v, dict) and "passed" in v)
         return out

@@ -141,9 +141,14 @@ H100_DENSE_BF16_FLOPS = 989e12  # NVIDIA's dense BF16 tensor-core peak for the H
 
 
 def machine() -> dict:
+    from sdvae.training.timing_cache import machine_identity
+
+    ident = machine_identity()
     return {
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu": ident["cpu"],
+        "cpu_family_model": ident["cpu_family_model"],
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -11,8 +11,10 @@ from torch.utils.data import DataLoader, Subset
 
 from common import trained_autoencoder
 from sdvae.config import load_config
+from sdvae.convert import ConversionError, check_dtype
 from sdvae.data.datamodule import TrainImages, read_manifest, to_model_range
 from sdvae.formats.diffusers import load_diffusers, save_diffusers
+from sdvae.formats.ldm import save_ldm
 from sdvae.fp16_safety import fp16_decode_report, guarded_config
 from sdvae.io import write_json
 from sdvae.model_card import render_model_card
@@ -50,6 +52,7 @@ def main() -> None:
     client, run_id = training_run()
     card = render_model_card(
         model,
+        single_file=f"{x.model_name}.safetensors" if x.single_file else None,
         params=cfg.to_dict(),
         sources=sources,
         licenses=licenses,
@@ -59,7 +62,24 @@ def main() -> None:
         run_id=run_id,
         run_tags=client.get_run(run_id).data.tags,
     )
-    out = save_diffusers(model, x.dir, extra_files={"README.md": card})
+    single_name = f"{x.model_name}.safetensors" if x.single_file else None
+    if single_name:
+        try:
+            check_dtype(model, x.single_file_dtype, fp16)  # fp16 refused where the decode check overflowed
+        except ConversionError as exc:
+            raise SystemExit(f"export.single_file_dtype: {exc}") from exc
+    source = {
+        "mlflow_run_id": run_id,
+        **{k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith("dvc.")},
+    }
+    out = save_diffusers(
+        model,
+        x.dir,
+        extra_files={"README.md": card},
+        also=(lambda d: save_ldm(model, d / single_name, dtype=x.single_file_dtype, source=source))
+        if single_name
+        else None,
+    )
     for s in ("train", "eval"):
         for lic in Path(f"data/raw/{s}/licenses").glob("*"):
             (out / "licenses").mkdir(exist_ok=True)
@@ -71,6 +91,14 @@ def main() -> None:
         "scaling_factor_source": factor_note,
         "factors_before": before,
         "force_upcast": model.config.force_upcast,
+        "single_file": None
+        if single_name is None
+        else {
+            "path": str(out / single_name),
+            "dtype": x.single_file_dtype,
+            "bytes": (out / single_name).stat().st_size,
+            "layout": "LDM (bare keys)",
+        },
         "fp16_decode": fp16,
         "latent_stats": stats,
     }

@@ -246,6 +246,14 @@ def test_sixteen_channel_latents_carry_shift_and_scale_and_decode_back(tmp_path,
         expected = ((model.decode(z).clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
     decoded = np.asarray(Image.open(tmp_path / "dec" / "a.png.png"), np.float32)
     assert np.abs(decoded - expected).max() <= 1
+    # a latent file without metadata was made for this model: its own scale and shift undo it
+    from safetensors.torch import save_file
+
+    (tmp_path / "bare").mkdir()
+    save_file({"latent": latent}, str(tmp_path / "bare" / "a.safetensors"))
+    assert main(["decode", str(tmp_path / "bare"), "--model", str(folder), "-o", str(tmp_path / "dec2")]) == 0
+    bare = np.asarray(Image.open(tmp_path / "dec2" / "a.png"), np.float32)
+    assert np.abs(bare - expected).max() <= 1
 
 
 def test_info_reports_a_models_factors_and_its_fp16_decode(model_dir, capsys):

@@ -138,7 +138,22 @@ def test_repro_writes_metrics_and_a_diffusers_model(project):
     with torch.no_grad():
         out = vae(torch.zeros(1, 3, 32, 32)).sample
     assert out.shape == (1, 3, 32, 32)
-    assert "from_pretrained" in (repo / "models/vae/README.md").read_text()
+    card = (repo / "models/vae/README.md").read_text()
+    assert "from_pretrained" in card and "## Evaluation\n" in card and "| train | `" in card
+    # the single file beside the folder: bare LDM keys, its config in the header, the same model
+    from safetensors.torch import load_file
+
+    from sdvae.formats import load_any
+    from sdvae.formats.ldm import single_file_metadata
+
+    single = repo / "models/vae/sdvae.safetensors"
+    assert export["single_file"]["path"] == "models/vae/sdvae.safetensors" and export["single_file"]["dtype"] == "fp32"
+    assert "encoder.down.0.block.0.conv1.weight" in load_file(str(single)) and "AUTOMATIC1111" in card
+    run_id = json.loads((repo / "models/train/run.json").read_text())["run_id"]
+    assert single_file_metadata(single)["sdvae_source"]["mlflow_run_id"] == run_id
+    ours, folder = load_any(single), load_any(repo / "models/vae")
+    assert ours.config == folder.config
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), folder.state_dict().values(), strict=True))
     status = _run(["dvc", "status"], repo, env).stdout
     assert "up to date" in status  # nothing changed: repro is a no-op
 
@@ -309,6 +324,11 @@ def test_a_sixteen_channel_model_and_its_decoder_only_fine_tune_through_the_pipe
         from sdvae.formats.ldm import save_ldm
 
         init = save_ldm(load_any(repo / "models/vae"), base / "c16-ae.safetensors")
+        from safetensors.torch import load_file, save_file
+
+        # as a file from elsewhere: no factors in its header (only the tiny stand-in's group count,
+        # which shapes cannot tell and which every real SD-family file has at 32)
+        save_file(load_file(init), init, metadata={"format": "pt", "sdvae_config": json.dumps({"norm_num_groups": 8})})
         family = ["-S", "model.scaling_factor=0.3611", "-S", "model.shift_factor=0.1159"]
         tune = ["-S", f"train.init_from={init}", "-S", "train.decoder_only=true"]
         _run(["dvc", "exp", "run", "-n", "c16-decoder", *flux_like, *family, *tune], repo, env)

@@ -335,8 +335,6 @@ def test_latent_statistics_give_the_scale_and_shift_that_standardise_the_latents
 
 
 def test_diffusers_spelling_from_pretrained_and_save_pretrained(tmp_path):
-    import subprocess
-    import sys
 
     torch.manual_seed(0)
     model = AutoencoderKL.from_preset("tiny").eval()
@@ -344,6 +342,3 @@ def test_diffusers_spelling_from_pretrained_and_save_pretrained(tmp_path):
     assert diffusers.AutoencoderKL.from_pretrained(folder).config.latent_channels == 4
     back = AutoencoderKL.from_pretrained(tmp_path, subfolder="vae")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True))
-    # importing the models does not import the file formats (one-way imports)
-    code = "import sys, sdvae.models; assert 'sdvae.formats' not in sys.modules"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -156,7 +156,7 @@ def test_cli_scores_models_on_the_same_images_and_lists_bad_ones(tiny_model, fol
     assert set(diffusers_scores["kid"]) >= {"mean", "std", "subset_size"}
     latents = diffusers_scores["latents"]
     assert latents["channels"] == 4 and len(latents["std"]) == 4
-    assert latents["scaling_factor"] == pytest.approx(1 / latents["overall_std"])
+    assert latents["scaling_factor_of_modes"] == pytest.approx(1 / latents["overall_std"])
     assert diffusers_scores["sha256"] and result["models"]["bicubic"]["sha256"] is None
     assert "| bicubic |" in captured.out and "unreliable" in captured.out
     assert Image.open(grid).height > 4 * RES  # input + three model rows, labelled

@@ -387,6 +387,83 @@ def test_ddp_two_cpu_processes_read_disjoint_samples(caches, tmp_path, layout):
     assert len(set(first_epoch[0]) | set(first_epoch[1])) == 24
 
 
+_DDP_NAN = """
+import json, os, sys, hashlib
+sys.path[:0] = [{tests!r}, {root!r}]
+from pathlib import Path
+import torch
+from test_training import make
+from sdvae.losses import VAEGANLoss
+from sdvae.training import run
+rank = int(os.environ.get("LOCAL_RANK", "0"))
+real_generator = VAEGANLoss.generator
+calls = {{"n": 0}}
+def poisoned(self, *a, **k):  # rank 1 only, its 4th generator step: a NaN loss and NaN gradients
+    terms = real_generator(self, *a, **k)
+    calls["n"] += 1
+    if rank == 1 and calls["n"] == 4:
+        terms.loss, terms.backward = terms.loss * float("nan"), terms.backward * float("nan")
+    return terms
+VAEGANLoss.generator = poisoned
+cfg, paths = make(Path({caches!r}), Path({tmp!r}), loss={{"disc_start": 2}},
+                  train={{"max_steps": 6, "strategy": "ddp", "accelerator": "cpu", "devices": 2}})
+captured = {{}}
+real_fit = run.L.Trainer.fit
+def fit(self, module, *a, **k):
+    real_fit(self, module, *a, **k)
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()]).numpy().tobytes()
+    captured.update(rank=self.global_rank, windows=module.windows, g=module.g_steps, d=module.d_steps,
+                    bad=module.bad_steps, raw=hashlib.sha256(flat(module.autoencoder)).hexdigest(),
+                    disc=hashlib.sha256(flat(module.discriminator)).hexdigest(),
+                    ema=hashlib.sha256(flat(module.ema)).hexdigest(),
+                    finite=all(bool(torch.isfinite(p).all()) for p in module.parameters()))
+run.L.Trainer.fit = fit
+run.train(cfg, paths)
+Path({tmp!r}, f"rank{{captured['rank']}}.json").write_text(json.dumps(captured))
+"""
+
+
+def test_a_nan_on_one_ddp_rank_skips_the_same_window_on_every_rank(caches, tmp_path):
+    """Under DDP every backward is a collective. A NaN loss on rank 1 alone must neither hang the
+    run nor part the ranks: both skip the same window, count it once, and end with equal weights."""
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(
+        _DDP_NAN.format(
+            tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]), caches=str(caches), tmp=str(tmp_path)
+        )
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000 + 13)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        # window 4 skipped: 5 generator steps, discriminator steps in windows 3, 5 and 6
+        assert (r["windows"], r["g"], r["d"], r["bad"], r["finite"]) == (6, 5, 3, 1, True), r
+    assert ranks[0]["raw"] == ranks[1]["raw"] and ranks[0]["disc"] == ranks[1]["disc"]
+    assert ranks[0]["ema"] == ranks[1]["ema"]
+
+
+def test_a_non_finite_micro_batch_skips_its_whole_accumulated_window(caches, tmp_path, monkeypatch):
+    """With accumulate_grad_batches 2, a NaN in a window's first micro-batch must not leave a
+    silent half-gradient step: the window is skipped and counted."""
+    from sdvae.losses import VAEGANLoss
+
+    real = VAEGANLoss.generator
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        terms = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # window 2, first of its two micro-batches
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(VAEGANLoss, "generator", poisoned)
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 4, "accumulate_grad_batches": 2})
+    result = train(cfg, paths)
+    assert (result["windows"], result["g_steps"], result["skipped_steps"]) == (4, 3, 1)
+
+
 def test_checkpoint_rotation_keeps_the_previous_good_one(tmp_path):
     from sdvae.training.checkpoints import checkpoint_problem, publish_checkpoint, resumable_checkpoint
 

@@ -113,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="the image for the fp16 check (default: scikit-image's astronaut)")
     p.add_argument("--resolution", type=int, default=256, help="its side for the fp16 check")
     p.set_defaults(func=cmd_info)
-    from sdvae import cli_evaluate, cli_images
+    from sdvae import cli_convert, cli_evaluate, cli_images
 
     cli_images.register(sub)
     cli_evaluate.register(sub)
+    cli_convert.register(sub)
     return parser
 
 

@@ -177,7 +177,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise InputError(f"not an sdvae latent file ({exc})") from exc
         scale = float(meta.get("scaling_factor", model.config.scaling_factor))
-        shift = meta.get("shift_factor", "None")
+        # a file without metadata was made for this model: its own shift, as decode_from_latent applies
+        shift = meta.get("shift_factor", repr(model.config.shift_factor))
         z = latent[None].to(device=device, dtype=DTYPES[args.dtype]) / scale
         z = z + (0.0 if shift == "None" else float(shift))  # undo exactly what encoding applied
         with torch.no_grad():

@@ -85,7 +85,7 @@ class LossConfig:
     disc_weight: float = num(0.5, ge=0.0)
     adaptive_weight_max: float = num(1e4, gt=0.0)
     lecam_weight: float = num(0.0, ge=0.0)
-    lecam_decay: float = num(0.999, gt=0.0, lt=1.0)
+    lecam_decay: float = num(0.99, gt=0.0, lt=1.0)
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,9 @@ class ExportConfig:
     scaling_images: int = num(64, ge=1)
     register_model: bool = True
     model_name: str = "sdvae"
+    # also one bare LDM-layout file, <dir>/<model_name>.safetensors, for A1111/Forge/ComfyUI/InvokeAI
+    single_file: bool = True
+    single_file_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,7 @@ def _cross_check(obj: Any, path: str) -> None:
 
 
 def _downsample_factor(model: ModelConfig) -> int:
-    from sdvae.models.autoencoder_kl import PRESETS  # the presets' geometry has one home
+    from sdvae.architectures import PRESETS  # the presets' geometry has one home
 
     channels = model.block_out_channels or PRESETS[model.preset].block_out_channels
     return 2 ** (len(channels) - 1)

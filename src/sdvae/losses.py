@@ -56,6 +56,7 @@ def one_backward_gan_surrogate(
     max_weight: float,
     gan_scale: float,
     nll_params: list[torch.Tensor],
+    last_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(surrogate, adaptive weight): `surrogate.backward()` fills every gradient that
     `(nll + w * gan_scale * g_loss).backward()` would, w being the reference adaptive weight.
@@ -66,11 +67,18 @@ def one_backward_gan_surrogate(
     input and the output gradient alone (`autograd.grad` of `xrec` runs only that conv's weight
     backward). Then a single backward through decoder and encoder with the combined gradient.
     `nll_params` are leaves the NLL reaches other than through `xrec` (the learnable logvar).
+
+    Under fp16 (16-mixed) these gradients are taken here, outside the GradScaler's scaled
+    backward, and per-pixel GAN gradients of a mean over N x 900 patch logits are 1e-4 to 1e-6:
+    subnormal or zero in fp16. So the trainer passes `xrec` as an fp32 tensor with LPIPS and the
+    discriminator run on it in fp32, and `last_out`, the decoder's last layer recomputed in fp32
+    from its input, whose weight gradients are then fp32 too. The main backward stays scaled.
     """
     g_nll, *g_params = torch.autograd.grad(nll, [xrec, *nll_params])
     (g_gan,) = torch.autograd.grad(g_loss, [xrec])
-    (w_nll,) = torch.autograd.grad(xrec, [last_layer], grad_outputs=g_nll, retain_graph=True)
-    (w_gan,) = torch.autograd.grad(xrec, [last_layer], grad_outputs=g_gan, retain_graph=True)
+    out = xrec if last_out is None else last_out
+    (w_nll,) = torch.autograd.grad(out, [last_layer], grad_outputs=g_nll.to(out.dtype), retain_graph=True)
+    (w_gan,) = torch.autograd.grad(out, [last_layer], grad_outputs=g_gan.to(out.dtype), retain_graph=True)
     weight = _ratio(w_nll, w_gan, max_weight)
     grad_xrec = (g_nll.float() + (weight * gan_scale) * g_gan.float()).to(xrec.dtype)
     surrogate = (xrec * grad_xrec).sum()
@@ -96,8 +104,9 @@ class VAEGANLoss(nn.Module):
         # A parameter either way (checkpoint layout stays the same); optimized only when learn_logvar.
         self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)), requires_grad=cfg.learn_logvar)
         self.d_loss_fn = hinge_d_loss if cfg.gan == "hinge" else vanilla_d_loss
-        self.register_buffer("ema_real", torch.zeros(()))  # LeCam anchors
+        self.register_buffer("ema_real", torch.zeros(()))  # LeCam anchors (biased towards 0 ...
         self.register_buffer("ema_fake", torch.zeros(()))
+        self.register_buffer("ema_updates", torch.zeros(()))  # ... until divided by 1 - decay^updates)
 
     def reconstruction(
         self, x: torch.Tensor, xrec: torch.Tensor, perceptual: bool = True
@@ -120,8 +129,10 @@ class VAEGANLoss(nn.Module):
         logits_fake: torch.Tensor | None,
         last_layer: torch.Tensor | None,
         perceptual: bool = True,
+        last_out: torch.Tensor | None = None,
     ) -> GeneratorTerms:
-        """`perceptual=False` leaves LPIPS out of this step (the pixel-only phase before `perceptual_start`)."""
+        """`perceptual=False` leaves LPIPS out of this step (the pixel-only phase before `perceptual_start`);
+        `last_out`: see `one_backward_gan_surrogate` (16-mixed)."""
         n = x.shape[0]
         rec, pixel, p_loss = self.reconstruction(x, xrec, perceptual)
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / n
@@ -141,7 +152,7 @@ class VAEGANLoss(nn.Module):
             if last_layer is not None and self.training:
                 nll_params = [self.logvar] if self.logvar.requires_grad else []
                 surrogate, d_weight = one_backward_gan_surrogate(
-                    nll, g_loss, xrec, last_layer, self.cfg.adaptive_weight_max, gan_scale, nll_params
+                    nll, g_loss, xrec, last_layer, self.cfg.adaptive_weight_max, gan_scale, nll_params, last_out
                 )
                 backward = surrogate + self.cfg.kl_weight * kl
                 loss = loss.detach() + d_weight * gan_scale * g_loss.detach()
@@ -165,7 +176,10 @@ class VAEGANLoss(nn.Module):
             with torch.no_grad():
                 self.ema_real.mul_(decay).add_((1 - decay) * real.mean())
                 self.ema_fake.mul_(decay).add_((1 - decay) * fake.mean())
-            reg = F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()
+                self.ema_updates.add_(1)
+                debias = 1 - decay ** float(self.ema_updates)  # zero-debiased, as the reference (Adam's bias fix)
+                anchor_real, anchor_fake = self.ema_real / debias, self.ema_fake / debias
+            reg = F.relu(real - anchor_fake).pow(2).mean() + F.relu(anchor_real - fake).pow(2).mean()
             d_loss = d_loss + self.cfg.lecam_weight * reg
             logs["lecam_reg"] = reg.detach()
         return d_loss, logs

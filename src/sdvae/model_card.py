@@ -49,9 +49,38 @@ def _fp16_line(fp16: dict[str, Any] | None) -> str:
     return f"an fp16 decode stays finite ({peak}; max abs error {fp16['fp16_max_abs_error']:.3g} vs fp32)."
 
 
+def _sources_table(sources: dict[str, Any]) -> str:
+    lines = ["| split | source | images |", "|---|---|---|"]
+    for split, info in sources.items():
+        count = info.get("count", info.get("images", "?")) if isinstance(info, dict) else "?"
+        name = info.get("source", "?") if isinstance(info, dict) else info
+        lines.append(f"| {split} | `{name}` | {count} |")
+    return "\n".join(lines)
+
+
+def _single_file_section(name: str | None, cfg: Any) -> str:
+    if not name:
+        return ""
+    shift = f"; shift_factor {cfg.shift_factor}" if cfg.shift_factor is not None else ""
+    return f"""
+## Use as one file (A1111, Forge, ComfyUI, InvokeAI)
+`{name}` holds the same weights in the CompVis/LDM key layout those programs load.
+
+| program | put the file in |
+|---|---|
+| AUTOMATIC1111 / Forge | `models/VAE/`, then pick it under Settings > VAE |
+| ComfyUI | `models/vae/`, then a Load VAE node |
+| InvokeAI | Model Manager > Add model, or its `models/` folder (type VAE) |
+
+A diffusion model trained on these latents needs scaling_factor {cfg.scaling_factor:.6g}{shift}
+(its header carries the whole config: `sdvae convert {name} FOLDER` turns it back into this folder).
+"""
+
+
 def render_model_card(
     model: AutoencoderKL,
     *,
+    single_file: str | None = None,
     params: dict[str, Any],
     sources: dict[str, Any],
     licenses: list[str],
@@ -84,12 +113,14 @@ A KL-regularised autoencoder (the first stage of latent diffusion) trained as a 
 - force_upcast {cfg.force_upcast}; {_fp16_line(fp16)}
 
 ## Training data
-{json.dumps(sources, indent=2)}
+{_sources_table(sources)}
 
 Licenses of the source images are in `licenses/`: {", ".join(licenses) or "none recorded"}.
 
-## Evaluation (held-out set, {scores.get("eval_images", "?")} images at {scores.get("resolution", "?")} px,
-{scores.get("weights", "?")} weights)
+## Evaluation
+Held-out set: {scores.get("eval_images", "?")} images at {scores.get("resolution", "?")} px,
+{scores.get("weights", "?")} weights.
+
 {_table(scores)}
 
 Per-image means (`sdvae evaluate`'s protocol: PSNR on [0, 1], SSIM with the Gaussian and the
@@ -107,7 +138,7 @@ shift = vae.config.shift_factor or 0.0                       # SD3 / FLUX shift;
 latents = (vae.encode(x).latent_dist.sample() - shift) * vae.config.scaling_factor
 recon = vae.decode(latents / vae.config.scaling_factor + shift).sample
 ```
-
+{_single_file_section(single_file, cfg)}
 ## Training parameters
 MLflow run: {run_id or "n/a"}; DVC experiment: {(run_tags or {}).get("dvc.exp_name", "none (dvc repro)")},
 baseline revision {(run_tags or {}).get("dvc.baseline_rev", "n/a")}

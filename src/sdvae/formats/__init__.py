@@ -7,7 +7,7 @@ from typing import Any
 
 from sdvae.formats.diffusers import load_diffusers, save_diffusers
 from sdvae.formats.ldm import load_ldm, save_ldm
-from sdvae.models.autoencoder_kl import AutoencoderKL
+from sdvae.models.autoencoder_kl import AutoencoderKL, register_model_files
 
 
 def load_any(path: str | Path, **kwargs: Any) -> AutoencoderKL:
@@ -19,5 +19,17 @@ def load_any(path: str | Path, **kwargs: Any) -> AutoencoderKL:
         return load_ldm(p, **kwargs)
     raise FileNotFoundError(f"{p}: no such model folder or checkpoint")
 
+
+class _Files:
+    """`AutoencoderKL.from_pretrained` / `save_pretrained` read and write through these."""
+
+    def load(self, path: Path) -> AutoencoderKL:
+        return load_any(path)
+
+    def save(self, model: AutoencoderKL, path: Path) -> Path:
+        return save_diffusers(model, path)
+
+
+register_model_files(_Files())
 
 __all__ = ["load_any", "load_diffusers", "load_ldm", "save_diffusers", "save_ldm"]

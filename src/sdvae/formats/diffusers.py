@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,20 @@ def load_diffusers(path: str | Path, subfolder: str | None = None) -> Autoencode
     return model
 
 
-def save_diffusers(model: AutoencoderKL, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
-    """Write config.json + safetensors (+ extra text files) atomically into `path`."""
+def save_diffusers(
+    model: AutoencoderKL,
+    path: str | Path,
+    extra_files: dict[str, str] | None = None,
+    also: Callable[[Path], object] | None = None,
+) -> Path:
+    """Write config.json + safetensors (+ extra text files, + what `also(folder)` writes) atomically
+    into `path`."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(to_diffusers_config(model.config), indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if also is not None:
+            also(tmp)
     return Path(path)

@@ -157,40 +157,78 @@ def ours_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.
     return out
 
 
-# What tensor shapes cannot tell, kept in the safetensors header of the files we write (others:
-# every SD-family VAE uses 32 groups and states its scaling factor elsewhere).
+# What tensor shapes cannot tell, kept in the safetensors header of the files we write: the whole
+# diffusers config (factors, latents mean/std, force_upcast), so `load_ldm` rebuilds the model
+# exactly. Files from elsewhere carry none: every SD-family VAE uses 32 groups, and states its
+# factors in its family's config (`--preset` / `model.preset`).
 _CONFIG_METADATA = "sdvae_config"
+_SOURCE_METADATA = "sdvae_source"
 _KEPT = ("norm_num_groups", "scaling_factor", "shift_factor")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _stored_config(path: Path) -> dict[str, object]:
+def single_file_metadata(path: str | Path) -> dict[str, object]:
+    """The sdvae config and provenance a single file carries (empty for files from elsewhere)."""
+    path = Path(path)
     if path.suffix != ".safetensors":
         return {}
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get(_CONFIG_METADATA)
-    stored = json.loads(raw) if raw else {}
-    return {k: stored[k] for k in _KEPT if k in stored}
+        meta = fh.metadata() or {}
+    return {k: json.loads(meta[k]) for k in (_CONFIG_METADATA, _SOURCE_METADATA) if k in meta}
+
+
+def carries_factors(path: str | Path) -> bool:
+    """Whether a single file states its own latent factors (files sdvae writes do; others do not)."""
+    stored = single_file_metadata(path).get(_CONFIG_METADATA)
+    return isinstance(stored, dict) and "scaling_factor" in stored
+
+
+def _stored_config(path: Path) -> tuple[dict[str, object], AutoencoderKLConfig | None]:
+    """(the kept keys, the full config where the file has one)."""
+    from sdvae.formats.diffusers import from_diffusers_config
+
+    stored = single_file_metadata(path).get(_CONFIG_METADATA) or {}
+    assert isinstance(stored, dict)
+    full = from_diffusers_config(stored) if "block_out_channels" in stored else None
+    return {k: stored[k] for k in _KEPT if k in stored}, full
 
 
 def load_ldm(path: str | Path, norm_num_groups: int | None = None, **config_overrides: object) -> AutoencoderKL:
     state = read_ldm_state(path)
-    stored = _stored_config(Path(path))
-    stored_groups = stored.pop("norm_num_groups", 32)
-    groups = norm_num_groups or int(stored_groups)  # type: ignore[call-overload]
-    cfg = infer_config(state, groups).replace(**{**stored, **config_overrides})
+    stored, full = _stored_config(Path(path))
+    if full is not None and norm_num_groups is None:
+        cfg = full.replace(**config_overrides) if config_overrides else full
+    else:
+        stored_groups = stored.pop("norm_num_groups", 32)
+        groups = norm_num_groups or int(stored_groups)  # type: ignore[call-overload]
+        cfg = infer_config(state, groups).replace(**{**stored, **config_overrides})
     model = AutoencoderKL(cfg)
     model.load_state_dict(ldm_to_ours(state, len(cfg.block_out_channels)), strict=True)
     return model
 
 
-def save_ldm(model: AutoencoderKL, path: str | Path, prefix: str = "") -> Path:
-    """Write an LDM-layout safetensors checkpoint (optionally `first_stage_model.`-prefixed)."""
+def save_ldm(
+    model: AutoencoderKL,
+    path: str | Path,
+    prefix: str = "",
+    dtype: str = "fp32",
+    source: dict[str, str] | None = None,
+) -> Path:
+    """Write an LDM-layout safetensors file: bare keys (`prefix` "first_stage_model." for a
+    checkpoint-style file), tensors in `dtype`, the full config and `source` in its header."""
+    from sdvae.formats.diffusers import to_diffusers_config
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     levels = len(model.config.block_out_channels)
     state = ours_to_ldm({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, levels)
-    kept = {k: getattr(model.config, k) for k in _KEPT}
-    metadata = {"format": "pt", _CONFIG_METADATA: json.dumps(kept)}
+    metadata = {"format": "pt", _CONFIG_METADATA: json.dumps(to_diffusers_config(model.config), sort_keys=True)}
+    if source:
+        metadata[_SOURCE_METADATA] = json.dumps(source, sort_keys=True)
+    cast = DTYPES[dtype]
     with atomic_path(path) as tmp:
-        save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        tensors = {prefix + k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)

@@ -8,87 +8,16 @@ downsampling factor.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from sdvae.architectures import PRESETS, AutoencoderKLConfig  # the models' public names too
 from sdvae.models.blocks import Decoder, Encoder, _CheckpointedStack
 from sdvae.models.tiling import tiled_apply
-
-
-@dataclass(frozen=True)
-class AutoencoderKLConfig:
-    """Architecture of the autoencoder; field names are diffusers' config keys."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    mid_block_add_attention: bool = True
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    latents_mean: tuple[float, ...] | None = None  # optional per-channel statistics (SDXL/SD3 style)
-    latents_std: tuple[float, ...] | None = None
-    sample_size: int = 256
-    force_upcast: bool = True
-
-    def __post_init__(self) -> None:
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(
-                f"block_out_channels {list(self.block_out_channels)}: every width must be divisible by "
-                f"norm_num_groups={self.norm_num_groups} (GroupNorm); {bad} are not"
-            )
-        if self.latent_channels < 1 or not self.block_out_channels:
-            raise ValueError("latent_channels must be >= 1 and block_out_channels non-empty")
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    def replace(self, **changes: Any) -> AutoencoderKLConfig:
-        return dataclasses.replace(self, **changes)
-
-
-PRESETS: dict[str, AutoencoderKLConfig] = {
-    # CPU default: f8c4 geometry like SD, narrow widths (about 3.6 M parameters).
-    "tiny": AutoencoderKLConfig(
-        block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16, sample_size=64
-    ),
-    # Stable Diffusion 1.x/2.x VAE (sd-vae-ft-mse): 83,653,863 parameters.
-    "sd-f8c4": AutoencoderKLConfig(),
-    # CompVis configs/autoencoder/autoencoder_kl_64x64x3.yaml (kl-f4): 55,312,063 parameters.
-    "ldm-kl-f4": AutoencoderKLConfig(block_out_channels=(128, 256, 512), latent_channels=3),
-    # The published diffusers configs of the VAEs diffusion models use today (their vae/config.json):
-    # SDXL: SD's layout, its own latent scale; decodes in fp16 only after its fp16-fix fine-tune.
-    "sdxl-f8c4": AutoencoderKLConfig(scaling_factor=0.13025, sample_size=1024, force_upcast=True),
-    # SD3 and FLUX.1: 16 latent channels, no quant convs, a shift as well as a scale.
-    "sd3-f8c16": AutoencoderKLConfig(
-        latent_channels=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        sample_size=1024,
-    ),
-    "flux-f8c16": AutoencoderKLConfig(
-        latent_channels=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        sample_size=1024,
-    ),
-}
 
 
 class DiagonalGaussianDistribution:
@@ -122,6 +51,27 @@ class DiagonalGaussianDistribution:
             return torch.zeros(self.mean.shape[0], device=self.mean.device)
         log2pi = math.log(2.0 * math.pi)
         return 0.5 * torch.sum(log2pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=(1, 2, 3))
+
+
+class ModelFiles(Protocol):
+    """How models reach disk; provided by `sdvae.formats`."""
+
+    def load(self, path: Path) -> AutoencoderKL: ...
+
+    def save(self, model: AutoencoderKL, path: Path) -> Path: ...
+
+
+_FILES: list[ModelFiles] = []
+
+
+def register_model_files(files: ModelFiles) -> None:
+    _FILES[:] = [files]
+
+
+def _model_files() -> ModelFiles:
+    if not _FILES:  # only if sdvae.formats was never imported, which importing sdvae does
+        raise RuntimeError("no model file formats registered: import sdvae.formats")
+    return _FILES[0]
 
 
 class AutoencoderKL(nn.Module):
@@ -165,20 +115,17 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
         return cls(PRESETS[name], **overrides)
 
-    # diffusers' spelling, for users' first line. Files are `sdvae.formats`' business: imported
-    # when called, so importing the models never imports the formats (imports run one way).
+    # diffusers' spelling, for users' first line. Files are `sdvae.formats`' business, which
+    # registers its reader and writer here (`register_model_files`) when `sdvae` is imported: the
+    # models never import the formats, so imports run one way.
     @classmethod
     def from_pretrained(cls, path: str | Path, subfolder: str | None = None) -> AutoencoderKL:
         """A diffusers folder (or pipeline folder with vae/), or an LDM/SD single file."""
-        from sdvae.formats import load_any
-
-        return load_any(Path(path) / subfolder if subfolder else path)
+        return _model_files().load(Path(path) / subfolder if subfolder else Path(path))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """A diffusers folder that `diffusers.AutoencoderKL.from_pretrained` loads."""
-        from sdvae.formats import save_diffusers
-
-        return save_diffusers(self, path)
+        return _model_files().save(self, Path(path))
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         for m in self.modules():

@@ -39,8 +39,10 @@ class Moments(Metric):
 
 class ChannelMoments(Metric):
     """Per-channel mean and std of latents over every spatial position of every image, and the
-    factors a diffusion model uses to bring them to unit variance: `scaling_factor` = 1 / std
-    (SD 1.x / SDXL convention, latents * s) and `shift_factor` = mean (SD3 / FLUX, (z - m) * s)."""
+    factors a diffusion model would use to bring them to unit variance: 1 / std (SD 1.x / SDXL's
+    `scaling_factor`, latents * s) and the mean (SD3 / FLUX's `shift_factor`, (z - m) * s).
+    Named `*_of_modes`: these latents are posterior modes, while export computes the factors it
+    ships from posterior samples (what a diffusion model trains on), a slightly larger std."""
 
     full_state_update = False
 
@@ -73,6 +75,6 @@ class ChannelMoments(Metric):
             "std": [round(float(v), 6) for v in std],
             "overall_mean": overall_mean,
             "overall_std": overall_std,
-            "scaling_factor": 1.0 / overall_std if overall_std > 0 else None,
-            "shift_factor": overall_mean,
+            "scaling_factor_of_modes": 1.0 / overall_std if overall_std > 0 else None,
+            "shift_factor_of_modes": overall_mean,
         }

@@ -81,7 +81,7 @@ class ValidationGrid(L.Callback):
         caption = f"validation at step {pl_module.windows}/{pl_module.plan.windows}"
         shown = [f"{k.upper()} {scores[f'val/{k}']:.3f}" for k in ("lpips", "psnr", "ssim") if f"val/{k}" in scores]
         caption = " | ".join([caption, *shown])
-        label = "model (EMA)" if getattr(pl_module, "ema", None) is not None else "model"
+        label = "model (EMA)" if pl_module.eval_autoencoder() is not pl_module.autoencoder else "model"
         path = save_grid(
             *grid,
             self.outdir / f"val_step{pl_module.windows:06d}.png",

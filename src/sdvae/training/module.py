@@ -15,16 +15,18 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sdvae.config import Config
 from sdvae.evaluation import ReconstructionMetrics
-from sdvae.losses import VAEGANLoss
+from sdvae.losses import GeneratorTerms, VAEGANLoss
 from sdvae.models.autoencoder_kl import AutoencoderKL
 from sdvae.models.discriminator import NLayerDiscriminator
 from sdvae.training.compiling import compile_for_training
 from sdvae.training.plan import TrainingPlan, initial_plan
+from sdvae.training.stepping import Trained, finish_window
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -45,13 +47,6 @@ def lr_lambda(schedule: str, warmup: int, total: Callable[[], int]) -> Callable[
         return 1.0
 
     return fn
-
-
-def _finite_grads(params: list[nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
 
 
 def _is_validation_row(row: dict[str, float]) -> bool:
@@ -88,6 +83,10 @@ class VAEGANModule(L.LightningModule):
         self.bad_steps = 0  # total skipped steps (non-finite)
         self.consecutive_bad = 0
         self.window_done = False
+        self.window_bad = torch.zeros(())  # non-finite losses seen in the current window
+        self._fp16 = False  # set when fit starts (16-mixed)
+        self._conv_out_hook: Any = None
+        self._conv_out_input = torch.zeros(())
         self._t_last = time.perf_counter()
         self._images_since = 0
         self.history: list[dict[str, float]] = []  # per logged window, for metrics files
@@ -145,6 +144,34 @@ class VAEGANModule(L.LightningModule):
         return self.windows % 2 == 0, self.windows % 2 == 1
 
     # -- training --------------------------------------------------------------------------------------
+    # -- 16-mixed ---------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._fp16 = self.trainer.precision == "16-mixed"
+        if self._fp16 and self._conv_out_hook is None:  # registered after the EMA copy: never copied into it
+            self._conv_out_hook = self.autoencoder.decoder.conv_out.register_forward_pre_hook(self._keep_conv_out_input)
+
+    def _keep_conv_out_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._conv_out_input = args[0]
+
+    def generator_terms(self, batch: torch.Tensor, xrec: torch.Tensor, posterior: Any, use_gan: bool) -> GeneratorTerms:
+        """The generator's loss terms. Under 16-mixed, LPIPS, the discriminator and the last layer's
+        weight gradients run in fp32 on an fp32 copy of the reconstruction: the one-backward surrogate
+        takes their gradients outside the scaled backward, where fp16 would flush them to zero."""
+        conv_out = self.autoencoder.decoder.conv_out
+        last = conv_out.weight if use_gan else None
+        if not self._fp16:
+            logits = self.discriminator(xrec) if use_gan else None
+            return self.loss.generator(batch, xrec, posterior, logits, last, self.perceptual_active)
+        with torch.autocast(batch.device.type, enabled=False):
+            xrec32 = xrec.float()
+            logits = self.discriminator(xrec32) if use_gan else None
+            last_out = None
+            if use_gan:
+                last_out = F.conv2d(
+                    self._conv_out_input.detach().float(), conv_out.weight, conv_out.bias, padding=conv_out.padding
+                )
+            return self.loss.generator(batch, xrec32, posterior, logits, last, self.perceptual_active, last_out)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         t = self.cfg.train
         if self.windows >= self.plan.windows:  # resumed from a checkpoint written at the last window
@@ -156,21 +183,19 @@ class VAEGANModule(L.LightningModule):
         train_g, train_d = self.window_roles()
         use_gan = self.gan_active
         logs: dict[str, torch.Tensor] = {}
-        bad = torch.zeros((), device=batch.device)
+        if self.micro == 0:
+            self.window_bad = torch.zeros((), device=batch.device)  # kept across the window's micro-batches
 
+        # Backwards always run, finite or not: under DDP each backward is a collective (gradient
+        # all-reduce), so a rank that skipped one would pair its next collective with another
+        # rank's. A non-finite loss is counted here and its window skipped on every rank at its end.
         self.discriminator.requires_grad_(False)
         if train_g:
             xrec, posterior = self.autoencoder(batch, sample_posterior=True)
-            logits_fake = self.discriminator(xrec) if use_gan else None
-            last = self.autoencoder.decoder.conv_out.weight
-            terms = self.loss.generator(
-                batch, xrec, posterior, logits_fake, last if use_gan else None, self.perceptual_active
-            )
+            terms = self.generator_terms(batch, xrec, posterior, use_gan)
             logs.update(terms.logs)
-            if torch.isfinite(terms.loss) and torch.isfinite(terms.backward):
-                self.manual_backward(terms.backward / k)
-            else:
-                bad += 1
+            self.window_bad = self.window_bad + (~(torch.isfinite(terms.loss) & torch.isfinite(terms.backward))).float()
+            self.manual_backward(terms.backward / k)
         else:
             with torch.no_grad():
                 xrec = self.autoencoder(batch, sample_posterior=True)[0]
@@ -180,10 +205,8 @@ class VAEGANModule(L.LightningModule):
             logits_fake_d = self.discriminator(xrec.detach())
             d_loss, d_logs = self.loss.discriminator(logits_real, logits_fake_d)
             logs.update(d_logs)
-            if torch.isfinite(d_loss):
-                self.manual_backward(d_loss / k)
-            else:
-                bad += 1
+            self.window_bad = self.window_bad + (~torch.isfinite(d_loss)).float()
+            self.manual_backward(d_loss / k)
 
         self.micro += 1
         self._images_since += batch.shape[0]
@@ -191,36 +214,34 @@ class VAEGANModule(L.LightningModule):
         if not self.window_done:
             return
         self.micro = 0
-        for train, opt, sch, params, name in (
-            (train_g, opt_g, sch_g, self.generator_parameters(), "g"),
-            (train_d, opt_d, sch_d, list(self.discriminator.parameters()), "d"),
-        ):
-            if not train:
-                continue
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            if scaler is not None:
-                scaler.unscale_(opt.optimizer)
-            if t.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                logs[f"grad_norm_{name}"] = norm.detach()
-            finite = _finite_grads(params)
-            if not finite:
-                bad += 1
-            # Every rank must agree to skip, or weights diverge across ranks.
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-            if bad > 0 and scaler is None:
-                opt.zero_grad(set_to_none=True)
-                continue
-            opt.step()  # with a GradScaler, a non-finite step is skipped by the scaler itself
-            opt.zero_grad(set_to_none=True)
-            sch.step()
-            if name == "g":
+        trained = [
+            Trained(name, opt.optimizer, params, opt.step)
+            for train, opt, params, name in (
+                (train_g, opt_g, self.generator_parameters(), "g"),
+                (train_d, opt_d, list(self.discriminator.parameters()), "d"),
+            )
+            if train
+        ]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        stepped, grad_logs = finish_window(
+            trained,
+            scaler,
+            t.grad_clip,
+            self.window_bad,
+            lambda bad: self.trainer.strategy.reduce(bad, reduce_op="max"),
+        )
+        logs.update(grad_logs)
+        if stepped:
+            self.consecutive_bad = 0
+            if train_g:
+                sch_g.step()
                 self.g_steps += 1
                 if self.ema is not None:
                     self.ema.update_parameters(self.autoencoder)
-            else:
+            if train_d:
+                sch_d.step()
                 self.d_steps += 1
-        if bad > 0:  # already agreed across ranks inside the loop (every window trains G or D)
+        else:  # agreed across ranks: every rank skips this window and counts it once
             self.bad_steps += 1
             self.consecutive_bad += 1
             if self.consecutive_bad >= t.max_bad_steps:
@@ -229,8 +250,6 @@ class VAEGANModule(L.LightningModule):
                     f"{self.windows}); stopping. Lower train.lr, enable train.grad_clip, or use precision "
                     f"bf16-mixed instead of 16-mixed. Last checkpoint holds the last finite weights."
                 )
-        else:
-            self.consecutive_bad = 0
         self.windows += 1
         self._log_window(logs, opt_g)
         if self.windows >= self.plan.windows:
@@ -255,8 +274,9 @@ class VAEGANModule(L.LightningModule):
 
     # -- validation ------------------------------------------------------------------------------------
     def eval_autoencoder(self) -> AutoencoderKL:
-        """The weights validation and export use: EMA when enabled."""
-        return self.ema.module if self.ema is not None else self.autoencoder
+        """The weights validation scores: those export and evaluate ship (the EMA when `train.ema`
+        and `eval.use_ema` are both on), so a validation curve describes the model shipped."""
+        return self.ema.module if self.ema is not None and self.cfg.eval.use_ema else self.autoencoder
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics = ReconstructionMetrics(self.loss.perceptual).to(self.device)
@@ -301,6 +321,7 @@ class VAEGANModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("val_metrics.")]:  # written by earlier versions
             del state[key]
+        state.setdefault("loss.ema_updates", torch.zeros(()))  # before LeCam's anchors were debiased
         c = checkpoint["sdvae_counters"]
         self.windows, self.g_steps, self.d_steps = c["windows"], c["g_steps"], c["d_steps"]
         self.bad_steps, self.micro = c["bad_steps"], c["micro"]

@@ -20,6 +20,7 @@ from sdvae.config import Config, TrackingConfig
 from sdvae.data.datamodule import ImageDataModule
 from sdvae.formats import load_any
 from sdvae.formats.diffusers import save_diffusers
+from sdvae.formats.ldm import carries_factors
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
 from sdvae.models.factory import build_autoencoder, with_family_factors
@@ -128,7 +129,8 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     if cfg.train.init_from:  # a diffusers folder (with its config), or a single LDM/SD/FLUX file
         autoencoder = load_any(cfg.train.init_from)
-        if Path(cfg.train.init_from).is_file():
+        if Path(cfg.train.init_from).is_file() and not carries_factors(cfg.train.init_from):
+            # a file from elsewhere: its family's factors (files we write carry their own)
             autoencoder.config = with_family_factors(autoencoder.config, cfg.model, cfg.train.init_from)
         autoencoder.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
     else:

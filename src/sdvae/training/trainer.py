@@ -14,9 +14,10 @@ from sdvae.training.plan import initial_plan
 def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
     t = cfg.train
     strategy: Any = t.strategy
-    if t.strategy == "ddp":
+    if t.strategy in ("ddp", "ddp_spawn"):
         # G and D take turns: the idle network's parameters get no gradient in a window.
-        strategy = DDPStrategy(find_unused_parameters=True)
+        start = "spawn" if t.strategy == "ddp_spawn" else "popen"
+        strategy = DDPStrategy(find_unused_parameters=True, start_method=start)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

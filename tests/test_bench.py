@@ -69,3 +69,26 @@ def test_convergence_recipes_apply_to_the_base_params_and_summarize_over_seeds()
     row = summary["r@10"]
     assert (row["lpips"], row["lpips_spread"], row["psnr"], row["psnr_spread"]) == (0.42, 0.04, 19.5, 1.0)
     assert row["beats_bicubic"] == {"lpips": True, "psnr": False, "ssim": False}
+
+
+def test_per_image_diagnosis_finds_a_planted_colour_shift(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from per_image import rows_for
+
+    rng = np.random.default_rng(0)
+    for sub in ("originals", "models_vae", "bicubic"):
+        (tmp_path / sub).mkdir()
+    flat = np.full((16, 16, 3), 100, np.uint8)
+    busy = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    for i, (name, x) in enumerate((("flat", flat), ("busy", busy))):
+        file = f"{i:07d}_set__{name}.png"
+        Image.fromarray(x).save(tmp_path / "originals" / file)
+        Image.fromarray(x + np.array([10, 0, 0], np.uint8)).save(tmp_path / "models_vae" / file)  # red shifted
+        Image.fromarray(x).save(tmp_path / "bicubic" / file)
+    rows = rows_for(tmp_path, "models_vae", "bicubic")
+    assert [r["image"] for r in rows] == ["flat", "busy"]  # smoothest first
+    flat_row = rows[0]
+    assert flat_row["colour_shift_share_of_mse"] == 1.0  # all its error is the mean colour
+    assert flat_row["model_psnr"] == round(10 * np.log10(3 / (10 / 255) ** 2), 2)

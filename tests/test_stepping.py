@@ -70,14 +70,18 @@ def test_two_optimizers_share_one_scale_update_per_window():
     ref_d.grad = true_grad.clone()
     ref_opt.step()
     trained = [Trained("g", opt_g, [pg], _never), Trained("d", opt_d, [pd], _never)]
-    stepped, _ = finish_window(trained, scaler, 0.0, torch.zeros(()), lambda b: b)
-    assert stepped and torch.equal(pd.detach(), ref_d.detach()) and pg.grad is None
+    done = finish_window(trained, scaler, 0.0, torch.zeros(()), lambda b: b)
+    assert done.stepped and torch.equal(pd.detach(), ref_d.detach()) and pg.grad is None
     # G overflows: the window is skipped for both, and the scale halves once (not once per optimizer)
     before_g, before_d = pg.detach().clone(), pd.detach().clone()
     pg.grad, pd.grad = torch.full((4,), float("inf")), true_grad * 2.0**10
-    stepped, _ = finish_window(trained, scaler, 0.0, torch.zeros(()), lambda b: b)
-    assert not stepped and scaler.get_scale() == 2.0**9
+    done = finish_window(trained, scaler, 0.0, torch.zeros(()), lambda b: b)
+    assert not done.stepped and done.overflow and scaler.get_scale() == 2.0**9  # an overflow, not divergence
     assert torch.equal(pg.detach(), before_g) and torch.equal(pd.detach(), before_d)
+    # a non-finite loss is no overflow, even under a scaler: it counts towards max_bad_steps
+    pg.grad, pd.grad = true_grad * 2.0**9, true_grad * 2.0**9
+    done = finish_window(trained, scaler, 0.0, torch.ones(()), lambda b: b)
+    assert not done.stepped and not done.overflow
 
 
 def test_a_non_finite_loss_on_any_rank_skips_the_window_everywhere():
@@ -89,11 +93,11 @@ def test_a_non_finite_loss_on_any_rank_skips_the_window_everywhere():
         Trained("d", opt_d, [pd], lambda: steps.append("d")),
     ]
     other_rank_saw_nan = lambda bad: torch.maximum(bad, torch.ones(()))  # noqa: E731
-    stepped, _ = finish_window(trained, None, 1.0, torch.zeros(()), other_rank_saw_nan)
-    assert not stepped and steps == [] and pg.grad is None and pd.grad is None
+    done = finish_window(trained, None, 1.0, torch.zeros(()), other_rank_saw_nan)
+    assert not done.stepped and not done.overflow and steps == [] and pg.grad is None and pd.grad is None
     pg.grad, pd.grad = torch.ones(4), torch.ones(4)
-    stepped, logs = finish_window(trained, None, 1.0, torch.zeros(()), lambda b: b)
-    assert stepped and steps == ["g", "d"] and set(logs) == {"grad_norm_g", "grad_norm_d"}
+    done = finish_window(trained, None, 1.0, torch.zeros(()), lambda b: b)
+    assert done.stepped and steps == ["g", "d"] and set(done.logs) == {"grad_norm_g", "grad_norm_d"}
 
 
 def test_lecam_anchors_are_debiased_from_the_first_update():

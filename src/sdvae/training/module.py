@@ -81,6 +81,7 @@ class VAEGANModule(L.LightningModule):
         self.d_steps = 0
         self.micro = 0  # micro-batches into the current window
         self.bad_steps = 0  # total skipped steps (non-finite)
+        self.overflow_steps = 0  # windows a GradScaler skipped while finding its scale (16-mixed)
         self.consecutive_bad = 0
         self.window_done = False
         self.window_bad = torch.zeros(())  # non-finite losses seen in the current window
@@ -223,15 +224,18 @@ class VAEGANModule(L.LightningModule):
             if train
         ]
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        stepped, grad_logs = finish_window(
+        outcome = finish_window(
             trained,
             scaler,
             t.grad_clip,
             self.window_bad,
             lambda bad: self.trainer.strategy.reduce(bad, reduce_op="max"),
         )
-        logs.update(grad_logs)
-        if stepped:
+        logs.update(outcome.logs)
+        # an fp16 overflow while the scaler still has room (scale >= 1) is how it finds its scale:
+        # skipped like any bad window, but not counted towards max_bad_steps
+        calibrating = outcome.overflow and scaler is not None and scaler.get_scale() >= 1.0
+        if outcome.stepped:
             self.consecutive_bad = 0
             if train_g:
                 sch_g.step()
@@ -241,6 +245,8 @@ class VAEGANModule(L.LightningModule):
             if train_d:
                 sch_d.step()
                 self.d_steps += 1
+        elif calibrating:
+            self.overflow_steps += 1
         else:  # agreed across ranks: every rank skips this window and counts it once
             self.bad_steps += 1
             self.consecutive_bad += 1
@@ -267,6 +273,8 @@ class VAEGANModule(L.LightningModule):
         row["train/lr"] = float(opt_g.param_groups[0]["lr"])
         row["train/g_steps"], row["train/d_steps"] = float(self.g_steps), float(self.d_steps)
         row["train/skipped_steps"] = float(self.bad_steps)
+        if self.overflow_steps:
+            row["train/overflow_steps"] = float(self.overflow_steps)
         self._t_last, self._images_since = now, 0
         if self.logger is not None:
             self.logger.log_metrics(row, step=self.windows)
@@ -312,6 +320,7 @@ class VAEGANModule(L.LightningModule):
             "g_steps": self.g_steps,
             "d_steps": self.d_steps,
             "bad_steps": self.bad_steps,
+            "overflow_steps": self.overflow_steps,
             "micro": self.micro,
         }
         checkpoint["sdvae_history"] = self.history
@@ -325,6 +334,7 @@ class VAEGANModule(L.LightningModule):
         c = checkpoint["sdvae_counters"]
         self.windows, self.g_steps, self.d_steps = c["windows"], c["g_steps"], c["d_steps"]
         self.bad_steps, self.micro = c["bad_steps"], c["micro"]
+        self.overflow_steps = c.get("overflow_steps", 0)
         self.history = list(checkpoint.get("sdvae_history", []))
         if "sdvae_plan" in checkpoint:
             self.plan = TrainingPlan(**checkpoint["sdvae_plan"])

@@ -9,7 +9,9 @@ one `scaler.step` per optimizer, then one `update()` per iteration; this is it.
 
 Why all or none: a window whose losses or gradients are non-finite on any rank is skipped on
 every rank (DDP ranks must take the same steps, or their weights part), and it is not a training
-step: no counter, no LR schedule, no EMA moves for it.
+step: no counter, no LR schedule, no EMA moves for it. Under a GradScaler, finite losses with
+non-finite gradients are an overflow, the scaler's normal way to find its scale: the caller
+tells those apart (`Outcome.overflow`) from a diverging run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ def finite_grads(params: list[nn.Parameter]) -> bool:
     return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
 
 
+@dataclass(frozen=True)
+class Outcome:
+    stepped: bool
+    overflow: bool  # skipped only because scaled gradients overflowed (finite losses, a scaler)
+    logs: dict[str, torch.Tensor]
+
+
 @dataclass
 class Trained:
     name: str  # "g" | "d"
@@ -43,10 +52,11 @@ def finish_window(
     grad_clip: float,
     bad: torch.Tensor,
     any_rank: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[bool, dict[str, torch.Tensor]]:
-    """(whether the window stepped, gradient-norm logs). `bad` counts what the window's micro-
-    batches found non-finite on this rank; `any_rank` reduces it with max over ranks."""
+) -> Outcome:
+    """Whether the window stepped, whether it was an overflow, gradient-norm logs. `bad` counts the
+    non-finite losses of the window's micro-batches on this rank; `any_rank` reduces with max."""
     logs: dict[str, torch.Tensor] = {}
+    loss_bad = any_rank(bad) > 0
     for t in trained:
         if scaler is not None:
             scaler.unscale_(t.optimizer)
@@ -54,7 +64,7 @@ def finish_window(
             logs[f"grad_norm_{t.name}"] = torch.nn.utils.clip_grad_norm_(t.params, grad_clip).detach()
         if not finite_grads(t.params):
             bad = bad + 1
-    stepped = bool(any_rank(bad) == 0)
+    stepped = bool(any_rank(bad) == 0)  # losses and gradients, on every rank
     for t in trained:
         if stepped:
             if scaler is not None:
@@ -64,4 +74,4 @@ def finish_window(
         t.optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.update()  # once per window; lowers the scale if any optimizer's unscale found inf/nan
-    return stepped, logs
+    return Outcome(stepped, not stepped and scaler is not None and not bool(loss_bad), logs)

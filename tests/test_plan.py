@@ -130,6 +130,11 @@ def test_the_same_machine_plans_the_same_run_and_a_resume_keeps_it(caches, tmp_p
     cache = json.loads((tmp_path / "timings.json").read_text())
     (entry,) = cache.values()
     assert set(entry["step_s"]["32"]) == {"perceptual", "gan"} and entry["calibration"]["32"] > 0
+    from sdvae.models.factory import build_autoencoder
+    from sdvae.training.measured import cached_decision
+
+    shown = cached_decision(cfg, build_autoencoder(cfg.model, cfg.train.resolution))  # what `sdvae info` prints
+    assert shown["precision"] == "32" and shown["plan"] == first["plan"]
     resumed = train(cfg, paths)  # the finished run, again: its checkpoint's plan
     assert resumed["resumed"] and resumed["plan"] == first["plan"] and resumed["windows"] == first["windows"]
     cfg2, paths2 = make(caches, tmp_path / "b", loss={"disc_start": 30}, train={**BUDGETED, "time_budget_s": 5.0})

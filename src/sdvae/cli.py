@@ -75,22 +75,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _model_info(spec: str, image: str | None, resolution: int) -> dict[str, object]:
     """A model's config and factors, and whether decoding one image's latents in fp16 overflows."""
-    import numpy as np
-    import torch
-
-    from sdvae.data.datamodule import to_model_range
-    from sdvae.data.images import center_crop, load_rgb, resize_short_side
-    from sdvae.data.sources import skimage_photo
+    from sdvae.data.images import load_rgb
     from sdvae.formats import load_any
-    from sdvae.fp16_safety import fp16_decode_report
+    from sdvae.fp16_safety import PHOTO, fp16_decode_report_on_photo
     from sdvae.models.autoencoder_kl import count_parameters
 
     model = load_any(spec).eval()
-    pixels = load_rgb(image, 16, 10**9) if image else np.asarray(skimage_photo("astronaut"))
-    pixels = center_crop(resize_short_side(pixels, resolution), resolution)
-    x = to_model_range(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None])
-    with torch.no_grad():
-        z = model.encode(x).mode()
+    report = fp16_decode_report_on_photo(model, load_rgb(image, 16, 10**9) if image else None, resolution)
     c = model.config
     return {
         "source": spec,
@@ -100,7 +91,7 @@ def _model_info(spec: str, image: str | None, resolution: int) -> dict[str, obje
         "scaling_factor": c.scaling_factor,
         "shift_factor": c.shift_factor,
         "force_upcast": c.force_upcast,
-        "fp16_decode": {"image": image or "scikit-image astronaut", **fp16_decode_report(model, z)},
+        "fp16_decode": {"image": image or PHOTO, **report},
     }
 
 

@@ -13,15 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from sdvae.data.images import center_crop, resize_short_side
-from sdvae.data.sources import skimage_photo
 from sdvae.formats import load_any
 from sdvae.formats.diffusers import save_diffusers
 from sdvae.formats.ldm import DTYPES, NotAnAutoencoder, carries_factors, save_ldm
-from sdvae.fp16_safety import fp16_decode_report
+from sdvae.fp16_safety import fp16_decode_report_on_photo
 from sdvae.models.autoencoder_kl import PRESETS, AutoencoderKL
 
 
@@ -39,19 +34,12 @@ class Converted:
     shift_factor: float | None
 
 
-def fp16_overflows(model: AutoencoderKL, resolution: int = 256) -> dict[str, object]:
-    """The fp16 decode check export runs, on a bundled photo (scikit-image's astronaut)."""
-    pixels = center_crop(resize_short_side(np.asarray(skimage_photo("astronaut")), resolution), resolution)
-    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    with torch.no_grad():
-        return fp16_decode_report(model.eval(), model.encode(x).mode())
-
-
 def check_dtype(model: AutoencoderKL, dtype: str, fp16_report: dict[str, object] | None = None) -> None:
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "fp16":
-        report = fp16_report if fp16_report is not None else fp16_overflows(model)
+        # without export's report (made on training crops): the check `sdvae info --model` makes
+        report = fp16_report if fp16_report is not None else fp16_decode_report_on_photo(model, None, 256)
         if report["overflows_fp16"]:
             raise ConversionError(
                 f"fp16 refused: decoding in fp16 overflows (largest activation {report['max_abs_activation']:.4g} "

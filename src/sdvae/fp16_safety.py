@@ -18,6 +18,7 @@ from torch import nn
 from sdvae.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 
 FP16_MAX = 65504.0
+PHOTO = "scikit-image astronaut"  # the default image of the checks made without training data
 
 
 def _decode_with_peaks(model: AutoencoderKL, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -64,3 +65,19 @@ def fp16_decode_report(model: AutoencoderKL, latents: torch.Tensor) -> dict[str,
 def guarded_config(config: AutoencoderKLConfig, report: dict[str, Any]) -> AutoencoderKLConfig:
     """`force_upcast: true` whenever the fp16 decode overflowed; otherwise the config as it is."""
     return config.replace(force_upcast=True) if report["overflows_fp16"] else config
+
+
+def fp16_decode_report_on_photo(model: AutoencoderKL, pixels: Any | None, resolution: int) -> dict[str, Any]:
+    """The report for one photo (uint8 HWC; None: scikit-image's astronaut), short side resized
+    to `resolution` and center-cropped: the check `sdvae info --model` and `sdvae convert` make."""
+    import numpy as np
+
+    from sdvae.data.datamodule import to_model_range
+    from sdvae.data.images import center_crop, resize_short_side
+    from sdvae.data.sources import skimage_photo
+
+    pixels = np.asarray(skimage_photo("astronaut")) if pixels is None else pixels
+    pixels = center_crop(resize_short_side(pixels, resolution), resolution)
+    x = to_model_range(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        return fp16_decode_report(model.eval(), model.encode(x).mode())

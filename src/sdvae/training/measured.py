@@ -29,8 +29,6 @@ class MeasuredSetup:
     precision: str
     choice: PrecisionChoice | None  # how `auto` was decided (None: asked for explicitly, or not a CPU)
     planner: BudgetPlanner | None  # for budgeted runs
-    step_s: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    key: str | None = None
 
 
 def workload(cfg: Config, autoencoder: AutoencoderKL) -> dict[str, Any]:
@@ -53,6 +51,11 @@ def workload(cfg: Config, autoencoder: AutoencoderKL) -> dict[str, Any]:
     }
 
 
+def _cache_key(cfg: Config, autoencoder: AutoencoderKL) -> str:
+    device = "cuda" if uses_cuda(cfg.train.accelerator) else "cpu"
+    return cache_key(machine_identity(device), workload(cfg, autoencoder))
+
+
 def _missing(step_s: dict[str, dict[str, float]], precisions: list[str], phases: list[str]) -> list[str]:
     return [p for p in precisions if any(ph not in step_s.get(p, {}) for ph in phases)]
 
@@ -64,7 +67,7 @@ def measure_setup(cfg: Config, autoencoder: AutoencoderKL, perceptual: nn.Module
     if fixed is not None and t.max_steps is not None:
         return MeasuredSetup(fixed, None, None)
     device = torch.device("cuda" if uses_cuda(t.accelerator) else "cpu")
-    key = cache_key(machine_identity(device.type), workload(cfg, autoencoder))
+    key = _cache_key(cfg, autoencoder)
     precisions = list(CPU_CANDIDATES) if fixed is None else [fixed]
     phases = phases_in_run(cfg)
     with locked_entry(key) as entry:  # DDP ranks on one machine: the first measures, the rest read
@@ -86,7 +89,7 @@ def measure_setup(cfg: Config, autoencoder: AutoencoderKL, perceptual: nn.Module
     planner = None
     if t.max_steps is None:
         planner = BudgetPlanner(step_s[precision], key, precision, calibration.get(precision))
-    return MeasuredSetup(precision, choice, planner, step_s, key)
+    return MeasuredSetup(precision, choice, planner)
 
 
 def cached_decision(cfg: Config, autoencoder: AutoencoderKL) -> dict[str, Any]:
@@ -95,8 +98,7 @@ def cached_decision(cfg: Config, autoencoder: AutoencoderKL) -> dict[str, Any]:
     fixed = resolve_without_measuring(t.precision, t.accelerator)
     if fixed is not None and t.max_steps is not None:
         return {"precision": fixed, "decided_by": "params or device (no timing)"}
-    device = "cuda" if uses_cuda(t.accelerator) else "cpu"
-    entry = read_entry(cache_key(machine_identity(device), workload(cfg, autoencoder)))
+    entry = read_entry(_cache_key(cfg, autoencoder))
     out: dict[str, Any] = {"timing_cache": str(cache_file())}
     step_s = entry.get("step_s", {})
     if fixed is None:

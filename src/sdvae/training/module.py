@@ -29,6 +29,13 @@ from sdvae.training.plan import TrainingPlan, initial_plan
 from sdvae.training.stepping import Trained, finish_window
 
 
+def freeze_encoder(autoencoder: AutoencoderKL) -> None:
+    """`train.decoder_only`: the encoder and its quant conv keep their weights."""
+    for m in (autoencoder.encoder, autoencoder.quant_conv):
+        if m is not None:
+            m.requires_grad_(False)
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive steps with non-finite loss or gradients."""
 
@@ -71,9 +78,7 @@ class VAEGANModule(L.LightningModule):
         if cfg.train.compile:  # after the EMA copy, which stays eager
             compile_for_training(autoencoder, self.discriminator, self.loss.perceptual, cfg.train.compile_mode)
         if cfg.train.decoder_only:
-            for m in (autoencoder.encoder, autoencoder.quant_conv):
-                if m is not None:
-                    m.requires_grad_(False)
+            freeze_encoder(autoencoder)
         self.plan: TrainingPlan = initial_plan(cfg)  # saved in checkpoints; a budgeted run replans early
         # counters, saved in checkpoints
         self.windows = 0  # optimisation windows completed
@@ -144,7 +149,6 @@ class VAEGANModule(L.LightningModule):
             return True, True
         return self.windows % 2 == 0, self.windows % 2 == 1
 
-    # -- training --------------------------------------------------------------------------------------
     # -- 16-mixed ---------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._fp16 = self.trainer.precision == "16-mixed"
@@ -173,6 +177,7 @@ class VAEGANModule(L.LightningModule):
                 )
             return self.loss.generator(batch, xrec32, posterior, logits, last, self.perceptual_active, last_out)
 
+    # -- training --------------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         t = self.cfg.train
         if self.windows >= self.plan.windows:  # resumed from a checkpoint written at the last window

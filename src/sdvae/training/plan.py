@@ -12,9 +12,9 @@ LPIPS, GAN) on copies before training; the first windows of the real run (window
 include data loading, the optimizer and EMA) calibrate those against the trainer's real cost.
 The expected window then weighs each phase by its share of the run. The calibration is cached
 per machine and workload (`timing_cache`), so the same machine plans the same run every time,
-and a cached run plans before its first window. The window count is rounded down to a multiple
-to two significant digits (1,637 -> 1,600). The budget covers training windows; validation, checkpoints and start-up
-come on top. The plan is stored in every checkpoint: a resumed run continues the same plan.
+and a cached run plans before its first window. The window count is rounded down to two
+significant digits (1,637 -> 1,600). The budget covers training windows; validation, checkpoints
+and start-up come on top. The plan is stored in every checkpoint: a resumed run continues the same plan.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ class TrainingPlan:
             return n, 0
         if gan_schedule == "both":
             return n, n - start
-        # alternate: after disc_start, G on even windows and D on odd ones
-        d = sum(1 for w in range(start, n) if w % 2 == 1)
+        # alternate: after disc_start, G on even windows and D on odd ones; the odd windows in
+        # [start, n) number n // 2 - start // 2 (the LR schedules read this at every step)
+        d = n // 2 - start // 2
         return n - d, d
 
     def as_record(self) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 Why measure: CPU flags say which instructions exist, not which precision is faster for this model
 on this machine. Measured with bench/cpu_precision.py (tiny preset, 64 px, batch 8, GAN step):
-bf16 autocast ran 2.16x faster than fp32 on an Intel Xeon with AMX (family 6 model 167) and
-1.71x on an AMD EPYC with AVX512-BF16, but 0.71x on an Intel Xeon VM (family 6 model 207)
-whose flags include AVX512-BF16 and AVX512-FP16 without AMX, and 0.32x where bf16 is emulated
-(`ONEDNN_MAX_CPU_ISA=AVX512_CORE`). So `auto` times the real step in fp32 and in bf16 autocast
+bf16 autocast ran 1.69x faster than fp32 on an Intel Xeon with AMX (family 6 model 167) and
+1.71x on an AMD EPYC with AVX512-BF16, but 0.71x on an Intel Xeon VM (family 6 model 207, as
+reported) whose flags include AVX512-BF16 and AVX512-FP16 without AMX, and 0.31x where bf16 is
+emulated (`ONEDNN_MAX_CPU_ISA=AVX512_CORE`). So `auto` times the real step in fp32 and in bf16 autocast
 (`step_timing`), weighs each phase by its share of the run, and takes bf16 only when it is
 faster by `BF16_MARGIN`; fp32 otherwise, the safer choice. The answer is cached per machine and
 workload (`timing_cache`), so reruns and resumes agree. This holds off Linux too: no flags needed.
@@ -41,11 +41,6 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
-def needs_measurement(requested: str, accelerator: str) -> bool:
-    """Whether `auto` is decided by timing here (a CPU run); CUDA and mps decide without."""
-    return requested == "auto" and not uses_cuda(accelerator) and accelerator in ("auto", "cpu")
 
 
 def resolve_without_measuring(requested: str, accelerator: str) -> str | None:

@@ -35,7 +35,7 @@ from sdvae.training.callbacks import (
 from sdvae.training.checkpoints import resumable_checkpoint
 from sdvae.training.compiling import check_compile_supported
 from sdvae.training.measured import measure_setup
-from sdvae.training.module import VAEGANModule
+from sdvae.training.module import VAEGANModule, freeze_encoder
 from sdvae.training.plan import TrainingPlan
 from sdvae.training.precision import PrecisionChoice, uses_cuda
 from sdvae.training.progress import StepProgressBar
@@ -136,10 +136,8 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     else:
         autoencoder = build_autoencoder(cfg.model, cfg.train.resolution)
     perceptual = build_lpips(cfg.weights)
-    if cfg.train.decoder_only:  # as the module will set it, so the timed step matches the run's
-        for m in (autoencoder.encoder, autoencoder.quant_conv):
-            if m is not None:
-                m.requires_grad_(False)
+    if cfg.train.decoder_only:  # as the module will, so the timed step matches the run's
+        freeze_encoder(autoencoder)
     measured = measure_setup(cfg, autoencoder, perceptual)
     precision = measured.precision
     if measured.choice is not None:
@@ -186,6 +184,11 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     if resume is not None:
         print(f"resuming from {resume}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    # how the run's length and precision were decided: in the result and in metrics/train.json
+    decided = {
+        "plan": module.plan.as_record(),
+        **({"precision_timing": measured.choice.as_record()} if measured.choice is not None else {}),
+    }
     result = {
         "run_id": logger.run_id,
         "tracking_uri": uri,
@@ -196,8 +199,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         "skipped_steps": module.bad_steps,
         "resumed": resume is not None,
         "precision": precision,
-        "plan": module.plan.as_record(),
-        **({"precision_timing": measured.choice.as_record()} if measured.choice is not None else {}),
+        **decided,
     }
     if trainer.is_global_zero:
         raw = module.autoencoder
@@ -216,8 +218,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
                 "g_steps": module.g_steps,
                 "d_steps": module.d_steps,
                 "skipped_steps": module.bad_steps,
-                "plan": module.plan.as_record(),
-                **({"precision_timing": measured.choice.as_record()} if measured.choice is not None else {}),
+                **decided,
             },
         )
         logger.experiment.log_metric(logger.run_id, "train/final_windows", module.windows, step=module.windows)

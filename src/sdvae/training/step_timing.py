@@ -115,11 +115,5 @@ def measure(
     gen = torch.Generator().manual_seed(0)
     res = cfg.train.resolution
     batch = (torch.rand(cfg.train.batch_size, 3, res, res, generator=gen) * 2 - 1).to(device)
-    was = perceptual.training if perceptual is not None else False
     step = make_step(cfg, autoencoder.to(device), perceptual.to(device) if perceptual is not None else None, batch)
-    variants = [(p, ph) for p in precisions for ph in phases_in_run(cfg)]
-    try:
-        return time_step_variants(step, variants, device, rounds)
-    finally:
-        if perceptual is not None:
-            perceptual.train(was)
+    return time_step_variants(step, [(p, ph) for p in precisions for ph in phases_in_run(cfg)], device, rounds)

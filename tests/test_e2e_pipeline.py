@@ -261,7 +261,12 @@ def test_queued_parallel_and_temp_experiments_land_in_the_workspace_store(projec
     _run(["dvc", "exp", "run", "--queue", "-n", "q-lpips", "-S", "loss.perceptual_weight=0.5"], repo, env)
     _run(["dvc", "queue", "start", "-j", "2"], repo, env)
     status = _queue_idle(repo, env)
-    assert status.count("Success") == 2, status
+    if status.count("Success") != 2:
+        logs = [
+            subprocess.run(["dvc", "queue", "logs", n], cwd=repo, env=env, capture_output=True, text=True)
+            for n in ("q-lr", "q-lpips")
+        ]
+        pytest.fail(status + "\n".join(p.stdout[-6000:] + p.stderr[-2000:] for p in logs))
     _run(["dvc", "exp", "run", "--temp", "-n", "t-ema", "-S", "train.ema_decay=0.95"], repo, env)
     client = mlflow.MlflowClient(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name("sdvae")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 # DVC runs queued (`dvc exp run --queue`, `dvc queue start -j N`) and temporary (`--temp`)
@@ -88,12 +89,17 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], pref
 
 
 def register_folder(client: MlflowClient, run_id: str, folder: str | Path, artifact_path: str, name: str) -> int:
-    """Log `folder` as artifacts and register it as a new version of model `name`."""
+    """Log `folder` as artifacts and register it as a new version of model `name`.
+
+    Queued experiments (`dvc queue start -j 2`) export at the same moment into one sqlite store:
+    unserialised, both see no registered model and the second `create_registered_model` fails,
+    or both number their version alike. The store's lock makes check-and-create one step."""
     client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
-    try:
-        client.get_registered_model(name)
-    except Exception:  # mlflow raises RestException/MlflowException when absent
-        client.create_registered_model(name, description="sdvae KL autoencoders (diffusers AutoencoderKL format)")
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    with store_lock(client.tracking_uri):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:  # absent
+            client.create_registered_model(name, description="sdvae KL autoencoders (diffusers AutoencoderKL format)")
+        version = client.create_model_version(name, source=source, run_id=run_id)
     return int(version.version)

@@ -258,7 +258,8 @@ def test_queued_parallel_and_temp_experiments_land_in_the_workspace_store(projec
     store = repo / "mlflow.db"
     assert not store.exists()
     _run(["dvc", "exp", "run", "--queue", "-n", "q-lr", "-S", "train.lr=0.002"], repo, env)
-    _run(["dvc", "exp", "run", "--queue", "-n", "q-lpips", "-S", "loss.perceptual_weight=0.5"], repo, env)
+    q_lpips_eq = ["-S", "loss.perceptual_weight=0.5", "-S", "loss.equivariance=1.0"]  # and the EQ-VAE term
+    _run(["dvc", "exp", "run", "--queue", "-n", "q-lpips", *q_lpips_eq], repo, env)
     _run(["dvc", "queue", "start", "-j", "2"], repo, env)
     status = _queue_idle(repo, env)
     if status.count("Success") != 2:
@@ -289,6 +290,11 @@ def test_queued_parallel_and_temp_experiments_land_in_the_workspace_store(projec
         assert {"eval/eval.json", "eval/eval_grid.png"} <= {
             a.path for a in client.list_artifacts(run.info.run_id, "eval")
         }
+        diffusability = {"eval/latent_scale_psnr", "eval/latent_rotation_psnr", "eval/latent_hf_share", "eval/ifid"}
+        assert diffusability <= set(run.data.metrics) and "eval_baseline/latent_rotation_psnr" in run.data.metrics
+        assert run.data.params["loss.equivariance"] == ("1.0" if name == "q-lpips" else "0.0")
+    assert runs["q-lpips"].data.metrics["train/eq_steps"] == 6  # every generator step of 6 carried the term
+    assert "train/eq_steps" not in runs["q-lr"].data.metrics
     versions = client.search_model_versions("name='sdvae'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs.values())
 

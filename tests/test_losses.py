@@ -61,6 +61,53 @@ def test_one_backward_matches_reference_gradients(lpips_net, photos, learn_logva
 
 
 @pytest.mark.cpu_paths
+def test_the_equivariance_term_adds_its_gradient_beside_the_one_backward_surrogate(lpips_net, photos):
+    """GAN on, LPIPS on, a learnable logvar, and EQ-VAE's pair (a 9x9 latent of the 16x16 one,
+    rotated 90°): the surrogate plus the term give the gradients of the plain sum, the adaptive
+    weight seeing the plain reconstruction only; the term's value follows its definition."""
+    from sdvae.latent_transforms import LatentTransform
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8).train()
+    disc = NLayerDiscriminator(3, 8, 2, "group").requires_grad_(False)
+    cfg = LossConfig(learn_logvar=True, logvar_init=0.3, disc_weight=0.7, equivariance=1.0, equivariance_weight=0.6)
+    loss_fn = VAEGANLoss(cfg, lpips_net)
+    params = [*ae.parameters(), loss_fn.logvar]
+    x = torch.cat([to_tensor(p, 32) for p in photos[:2]])
+    last = ae.decoder.conv_out.weight
+    pair = LatentTransform((9, 9), quarter_turns=1)
+
+    def forward():  # the same posterior noise both times, for both decodes
+        xrec, post = ae(x, generator=torch.Generator().manual_seed(1))
+        decoded = ae.decode(pair.latent(post.sample(torch.Generator().manual_seed(2))))
+        return xrec, post, decoded, pair.image(x, (18, 18))
+
+    xrec, post, decoded, target = forward()
+    rec, _, _ = loss_fn.reconstruction(x, xrec)
+    nll = (rec / torch.exp(loss_fn.logvar) + loss_fn.logvar).sum() / x.shape[0]
+    g_loss = -disc(xrec).mean()
+    weight = adaptive_gan_weight(nll, g_loss, last, 1e4)
+    eq_rec = (target - decoded).abs() + 1.0 * lpips_net(target, decoded)
+    eq = 0.6 * (eq_rec / torch.exp(loss_fn.logvar) + loss_fn.logvar).mean() * x[0].numel()
+    total = nll + 1e-6 * post.kl().sum() / x.shape[0] + weight * 0.7 * g_loss + eq
+    total.backward()
+    ref = _grads(params)
+
+    xrec, post, decoded, target = forward()
+    terms = loss_fn.generator(x, xrec, post, disc(xrec), last)
+    terms = terms.plus(loss_fn.equivariance(target, decoded, x[0].numel()), "eq_loss")
+    terms.backward.backward()
+    ours = _grads(params)
+
+    assert float(terms.logs["eq_loss"]) == pytest.approx(float(eq), rel=1e-5)
+    assert float(terms.loss) == pytest.approx(float(total), rel=1e-5)
+    assert float(terms.logs["d_weight"]) == pytest.approx(float(weight) * 0.7, rel=1e-4)
+    floor = 1e-3 * max(float(g.abs().max()) for g in ref)
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        assert_fp32_close(a, b, f"gradient {i}", scale_floor=floor)
+
+
+@pytest.mark.cpu_paths
 @pytest.mark.slow
 @needs_inductor_vector_isa
 def test_compiled_networks_give_eager_gradients(lpips_net, photos):

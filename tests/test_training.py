@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from sdvae.config import Config, config_from_dict
 from sdvae.data.prepare import PrepareSpec, prepare_split
+from sdvae.training.equivariance import EquivarianceSchedule
 from sdvae.training.module import NonFiniteTrainingError
 from sdvae.training.run import TrainPaths, train
 from tests.cpu_kinds import needs_inductor_vector_isa
@@ -297,7 +298,7 @@ def _run_args(script: Path, delay: float, overrides: dict, out: Path, ids: Path 
 
 def test_resume_after_kill_reaches_same_step_count(caches, tmp_path):
     script = _runner(caches, tmp_path)
-    overrides = {"train": {"max_steps": 30, "checkpoint_every": 4}, "loss": {"disc_start": 3}}
+    overrides = {"train": {"max_steps": 30, "checkpoint_every": 4}, "loss": {"disc_start": 3, "equivariance": 0.5}}
     proc = subprocess.Popen(
         _run_args(script, 0.3, overrides, tmp_path),
         stdout=subprocess.PIPE,
@@ -318,6 +319,11 @@ def test_resume_after_kill_reaches_same_step_count(caches, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["resumed"] and result["windows"] == 30 and result["g_steps"] == 30 and result["d_steps"] == 27
+    # the equivariance draws depend on (seed, generator step) alone: the resumed run made the same ones
+    cfg, _ = make(caches, tmp_path, **overrides)
+    schedule = EquivarianceSchedule(cfg.loss, cfg.train.seed, 2)
+    drawn = sum(schedule.draw(g, (4, 4)) is not None for g in range(30))
+    assert 5 < drawn < 25 and result["eq_steps"] == drawn
     assert "resuming from" in done.stdout
 
 
@@ -339,7 +345,7 @@ from sdvae.training import run
 rank = int(os.environ.get("NODE_RANK", "0")) + int(os.environ.get("LOCAL_RANK", "0"))
 log_sample_ids(Path({tmp!r}, f"ids{{rank}}.log"))
 layout = json.loads(sys.argv[1])
-cfg, paths = make(Path({caches!r}), Path({tmp!r}), loss={{"disc_start": 2}},
+cfg, paths = make(Path({caches!r}), Path({tmp!r}), loss={{"disc_start": 2, "equivariance": 0.5}},
                   train={{"max_steps": 6, "strategy": "ddp", "accelerator": "cpu", "gan_schedule": "alternate",
                          **layout}})
 captured = {{}}
@@ -348,7 +354,7 @@ def fit(self, module, *a, **k):
     real_fit(self, module, *a, **k)
     ema = torch.cat([p.detach().flatten() for p in module.ema.parameters()])
     captured.update(rank=self.global_rank, windows=module.windows, g=module.g_steps, d=module.d_steps,
-                    ema=hashlib.sha256(ema.numpy().tobytes()).hexdigest())
+                    eq=module.eq_steps, ema=hashlib.sha256(ema.numpy().tobytes()).hexdigest())
 run.L.Trainer.fit = fit
 run.train(cfg, paths)
 Path({tmp!r}, f"rank{{captured['rank']}}.json").write_text(json.dumps(captured))
@@ -359,7 +365,8 @@ Path({tmp!r}, f"rank{{captured['rank']}}.json").write_text(json.dumps(captured))
 def test_ddp_two_cpu_processes_read_disjoint_samples(caches, tmp_path, layout):
     """DDP with gloo: Lightning launching 2 processes on one node, or 2 "nodes" of 1 process each
     started by hand with Lightning's multi-node variables (MASTER_ADDR, NODE_RANK, WORLD_SIZE),
-    sharing one checkpoint folder and MLflow database as nodes share a file system."""
+    sharing one checkpoint folder and MLflow database as nodes share a file system. With the
+    equivariance term on half the generator steps: the ranks draw alike and stay in step."""
     script = tmp_path / "ddp.py"
     script.write_text(
         _DDP.format(
@@ -381,6 +388,7 @@ def test_ddp_two_cpu_processes_read_disjoint_samples(caches, tmp_path, layout):
     assert ranks[0]["windows"] == ranks[1]["windows"] == 6
     assert (ranks[0]["g"], ranks[0]["d"]) == (ranks[1]["g"], ranks[1]["d"]) == (4, 2)
     assert ranks[0]["ema"] == ranks[1]["ema"]
+    assert ranks[0]["eq"] == ranks[1]["eq"] > 0
     # 6 photos x 4 entries = 24 samples an epoch: each rank reads its own 12, together all 24
     first_epoch = [(tmp_path / f"ids{r}.log").read_text().splitlines()[:12] for r in (0, 1)]
     assert not set(first_epoch[0]) & set(first_epoch[1])
@@ -533,6 +541,7 @@ def test_progress_bar_counts_steps_and_grids_are_labelled(caches, tmp_path, caps
 @needs_inductor_vector_isa
 def test_compiled_training_runs_the_same_schedule_as_eager(caches, tmp_path):
     """train.compile on the CPU (inductor) with EMA, gradient checkpointing, GAN and adaptive weight,
+    and the equivariance term on every step (its latents of other sizes recompile the decoder),
     through the real trainer. Only what is exact or robust is compared across a multi-window run:
     counters, finiteness, the GAN switching on at its window, the EMA moving away from the raw
     weights. Whether compiled numbers equal eager ones is checked on one step from identical
@@ -545,21 +554,21 @@ def test_compiled_training_runs_the_same_schedule_as_eager(caches, tmp_path):
             caches,
             tmp_path / str(compiled),
             model={"block_out_channels": [16, 32], "norm_num_groups": 8, "gradient_checkpointing": True},
-            loss={"disc_start": 2},
+            loss={"disc_start": 2, "equivariance": 1.0},
             train={"max_steps": 4, "compile": compiled, "grad_clip": 0.0},
         )
         result = train(cfg, paths)
         assert (result["windows"], result["g_steps"], result["d_steps"], result["skipped_steps"]) == (4, 4, 2, 0)
         rows[compiled] = _rows(paths)
         for r in rows[compiled]:
-            for key in ("total_loss", "rec_loss", "p_loss", "kl_loss"):
+            for key in ("total_loss", "rec_loss", "p_loss", "kl_loss", "eq_loss"):
                 assert torch.isfinite(torch.tensor(float(r[key]))), (compiled, r)
         # the GAN term joins at generator step 2: windows 3 and 4 carry the adaptive weight
         assert [bool(r["d_weight"]) for r in rows[compiled]] == [False, False, True, True]
         raw = load_file(paths.out / "vae" / "diffusion_pytorch_model.safetensors")
         ema = load_file(paths.out / "vae_ema" / "diffusion_pytorch_model.safetensors")
         assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
-    for key in ("step", "g_steps", "d_steps", "skipped_steps"):
+    for key in ("step", "g_steps", "d_steps", "skipped_steps", "eq_steps"):
         assert [r[key] for r in rows[False]] == [r[key] for r in rows[True]], key
 
 
@@ -624,9 +633,11 @@ def test_rerun_after_validation_resumes_from_the_finished_checkpoint(caches, tmp
     assert val_steps == ["1", "2"]  # the re-run's validation of window 2 replaced the row, not repeated it
 
 
-def test_decoder_only_fine_tune_leaves_encoder_and_latents_bit_identical(caches, tmp_path, photos):
-    """From a saved model, with the GAN and EMA on: every encoder and quant_conv weight, and the
-    latents of a fixed image, stay bit-identical; the decoder trains."""
+@pytest.mark.parametrize("equivariance", [0.0, 1.0])
+def test_decoder_only_fine_tune_leaves_encoder_and_latents_bit_identical(caches, tmp_path, photos, equivariance):
+    """From a saved model, with the GAN and EMA on (and the equivariance term, which decodes a
+    second, transformed sample): every encoder and quant_conv weight, and the latents of a fixed
+    image, stay bit-identical; the decoder trains."""
     from sdvae.formats.diffusers import load_diffusers, save_diffusers
     from sdvae.models import AutoencoderKL
     from tests.conftest import to_tensor
@@ -635,10 +646,14 @@ def test_decoder_only_fine_tune_leaves_encoder_and_latents_bit_identical(caches,
     start = AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8)
     init = save_diffusers(start, tmp_path / "init")
     cfg, paths = make(
-        caches, tmp_path, train={"init_from": str(init), "decoder_only": True, "max_steps": 4}, loss={"disc_start": 2}
+        caches,
+        tmp_path,
+        train={"init_from": str(init), "decoder_only": True, "max_steps": 4},
+        loss={"disc_start": 2, "equivariance": equivariance},
     )
     result = train(cfg, paths)
     assert result["d_steps"] == 2  # the GAN ran: its gradient reached the decoder only
+    assert result.get("eq_steps", 0) == (4 if equivariance else 0)
     tuned = load_diffusers(paths.out / "vae")
     before, after = start.state_dict(), tuned.state_dict()
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]

@@ -26,6 +26,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         grid_images=args.grid_images if args.grid else 0,
         save_images=args.save_images,
+        diffusability=not args.no_diffusability,
+        ifid_max_images=args.ifid_max_images,
     )
     weights = WeightsConfig(lpips_vgg=args.lpips_vgg, inception=args.inception)
     try:
@@ -51,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "evaluate",
         help="score VAEs (diffusers folders, LDM/SD single files, 'bicubic') on an image set: table, JSON, grid",
-        description="Per-image PSNR and SSIM, LPIPS, rFID and KID of each model on the same images "
-        "(the protocol: README, 'Evaluation protocol').",
+        description="Per-image PSNR and SSIM, LPIPS, rFID and KID of each model on the same images, and "
+        "how diffusable its latents are (the protocol: README, 'Evaluation protocol').",
     )
     p.add_argument("models", nargs="+", help="diffusers folder, pipeline folder with vae/, .ckpt/.safetensors, bicubic")
     p.add_argument("--data", required=True, help="folder:<path>, hf:<name>[:split], builtin:<set>, or an eval cache")
@@ -71,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--grid", help="PNG grid of the first images, one labelled row per model")
     p.add_argument("--grid-images", type=int, default=8)
     p.add_argument("--save-images", help="folder for PNGs of the inputs and every model's reconstructions")
+    p.add_argument(
+        "--no-diffusability",
+        action="store_true",
+        help="leave out the latent section (scale/rotation equivariance, latent spectrum, iFID)",
+    )
+    p.add_argument("--ifid-max-images", type=int, default=5000, help="iFID's nearest-neighbour pool: the first N")
     p.add_argument("--lpips-vgg", help="LPIPS VGG16 weights file (else resolved offline)")
     p.add_argument("--inception", help="FID Inception weights file (else resolved offline)")
     p.set_defaults(func=cmd_evaluate)

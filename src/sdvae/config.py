@@ -86,6 +86,13 @@ class LossConfig:
     adaptive_weight_max: float = num(1e4, gt=0.0)
     lecam_weight: float = num(0.0, ge=0.0)
     lecam_decay: float = num(0.99, gt=0.0, lt=1.0)
+    # Equivariance regulariser (EQ-VAE, arXiv 2502.09509): the probability, per generator step, of a
+    # second decode of the latent sample after a random downscale (and rotation by k x 90°), held
+    # to the same transform of the image by the reconstruction and LPIPS terms. 0 = off.
+    equivariance: float = num(0.0, ge=0.0, le=1.0)
+    equivariance_weight: float = num(1.0, ge=0.0)  # times the plain reconstruction's per-pixel weight
+    equivariance_scale: tuple[float, float] = (0.25, 0.96875)  # latent scale drawn from [min, max]
+    equivariance_rotate: bool = True
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,13 @@ def _cross_check(obj: Any, path: str) -> None:
         if not 1 <= lo <= hi:
             raise ConfigError(
                 f"{path}.train_short_side: expected [min, max] with 1 <= min <= max, got {list(obj.train_short_side)}"
+            )
+    if isinstance(obj, LossConfig):
+        lo, hi = obj.equivariance_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(
+                f"{path}.equivariance_scale: expected [min, max] with 0 < min <= max <= 1, "
+                f"got {list(obj.equivariance_scale)}"
             )
     if isinstance(obj, ModelConfig) and any(c < 1 for c in obj.block_out_channels or ()):
         raise ConfigError(f"{path}.block_out_channels: expected positive ints, got {list(obj.block_out_channels)}")

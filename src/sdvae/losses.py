@@ -93,6 +93,12 @@ class GeneratorTerms:
     logs: dict[str, torch.Tensor]
     backward: torch.Tensor  # what to differentiate: the loss itself, or a surrogate with its gradients
 
+    def plus(self, term: torch.Tensor, name: str) -> GeneratorTerms:
+        """These terms and one more, differentiated as itself (outside the GAN's adaptive weight)."""
+        logs = {**self.logs, name: term.detach()}
+        logs["total_loss"] = (self.loss + term).detach()
+        return GeneratorTerms(self.loss + term, logs, self.backward + term)
+
 
 class VAEGANLoss(nn.Module):
     """Generator and discriminator losses; `perceptual` is a frozen LPIPS network (or None)."""
@@ -120,6 +126,16 @@ class VAEGANLoss(nn.Module):
             rec = rec + self.cfg.perceptual_weight * p
             return rec, pixel, p.mean()
         return rec, pixel, torch.zeros((), device=x.device)
+
+    def equivariance(
+        self, target: torch.Tensor, decoded: torch.Tensor, plain_values: int, perceptual: bool = True
+    ) -> torch.Tensor:
+        """`loss.equivariance_weight` x the reconstruction NLL of a transformed pair (EQ-VAE), per
+        value as heavy as the plain one: its mean times `plain_values`, the values of one plain
+        image (the plain NLL sums over them), so a 4x smaller pair does not weigh 16x less."""
+        rec, _, _ = self.reconstruction(target, decoded, perceptual)
+        nll = (rec / torch.exp(self.logvar) + self.logvar).mean() * plain_values
+        return self.cfg.equivariance_weight * nll
 
     def generator(
         self,

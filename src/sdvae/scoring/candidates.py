@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from sdvae.baseline import bicubic_roundtrip
+from sdvae.baseline import bicubic_down, bicubic_up
 from sdvae.formats import load_any
 from sdvae.formats.diffusers import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from sdvae.io import sha256_file
@@ -65,12 +65,12 @@ class Reconstructor:
         self.candidate, self.bicubic_shape, self.sample_seed = candidate, bicubic_shape, sample_seed
 
     @torch.no_grad()
-    def __call__(
-        self, x: torch.Tensor, index: torch.Tensor, precision: str
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, latent); bicubic's latent is its small image."""
         model = self.candidate.model
         if model is None:
-            return bicubic_roundtrip(x, *self.bicubic_shape), None
+            small = bicubic_down(x, *self.bicubic_shape)
+            return bicubic_up(small, (x.shape[-2], x.shape[-1])), small
         bf16 = precision == "bf16-mixed"
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             h, w = x.shape[-2:]
@@ -78,6 +78,19 @@ class Reconstructor:
             z = posterior.mode() if self.sample_seed is None else self._sample(posterior.mean, posterior.std, index)
             rec = model.decode(z)[..., :h, :w]
         return rec.float(), z.float()
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, size: tuple[int, int], precision: str) -> torch.Tensor:
+        """An image of `size` from a latent (or a transformed one): the VAE's decoder, whose output
+        size the latent fixes, or bicubic's upscale to `size`."""
+        model = self.candidate.model
+        if model is None:
+            return bicubic_up(z, size)
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            rec = model.decode(z)
+        if tuple(rec.shape[-2:]) != tuple(size):
+            raise ValueError(f"decoded {tuple(rec.shape[-2:])}, expected {tuple(size)}")
+        return rec.float()
 
     def _sample(self, mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Posterior samples seeded per image, so sharding across ranks does not change them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         kid = m["kid"]
         kid_cell = "n/a" if kid["mean"] is None else f"{1000 * kid['mean']:.2f} ± {1000 * kid['std']:.2f}"
         lines.append(f"| {label} | " + " | ".join([*cells, fid, kid_cell]) + " |")
+    lines.extend(_latent_table(result))
     lines.append(
         f"\n{result['images']} images at {result['protocol']['resolution']} px from {result['protocol']['source']}, "
         f"{len(result['skipped'])} skipped; {result['images_per_s']} images/s on {result['device']} "
@@ -37,8 +39,56 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _latent_table(result: dict[str, Any]) -> list[str]:
+    """Diffusability, one row per model that has it (README, "Evaluation protocol")."""
+    rows = []
+    for label, m in result["models"].items():
+        latent = m.get("latent")
+        if not latent:
+            continue
+        if "skipped" in latent:
+            rows.append(f"| {label} | skipped: {latent['skipped']} |" + " |" * 5)
+            continue
+        flat = latent_metrics(latent)
+        ifid = latent["ifid"]
+        ifid_cell = _cell(ifid["value"], 2) + ("" if ifid["reliable"] else f" (N={ifid['n']}, unreliable)")
+        cells = [
+            _cell(flat.get("latent_scale_psnr"), 2),
+            _cell(flat.get("latent_scale_lpips"), 4),
+            _cell(flat.get("latent_rotation_psnr"), 2),
+            _cell(flat.get("latent_hf_share"), 3),
+            _cell(flat.get("rgb_hf_share"), 3),
+            ifid_cell,
+        ]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = [
+        "\n| model | scale-eq. PSNR | scale-eq. LPIPS | rot90-eq. PSNR | latent HF share | RGB HF share | iFID |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return head + rows
+
+
+def latent_metrics(latent: dict[str, Any] | None) -> dict[str, float]:
+    """Scalars of the `latent` (diffusability) section, for the table, MLflow and DVC."""
+    if not latent or "skipped" in latent:
+        return {}
+    spectrum = latent["spectrum"]
+    values = {
+        "latent_scale_psnr": latent["scale_equivariance"]["psnr"]["mean"],
+        "latent_scale_lpips": latent["scale_equivariance"]["lpips"]["mean"],
+        "latent_rotation_psnr": latent["rotation_equivariance"]["psnr"]["mean"],
+        "latent_hf_share": spectrum["latent_high_frequency_share"]["mean"],
+        "rgb_hf_share": spectrum["rgb_high_frequency_share"]["mean"],
+        "ifid": latent["ifid"]["value"],
+    }
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+
+
 def flat_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """Scalars for MLflow / DVC: psnr, ssim_gaussian, ssim_uniform, lpips (means), their stds, rfid, kid."""
+    """Scalars for MLflow / DVC: psnr, ssim_gaussian, ssim_uniform, lpips (means), their stds, rfid,
+    kid, and the diffusability figures (`latent_metrics`)."""
     out: dict[str, float] = {}
     for key in HEADLINE:
         if entry[key]["mean"] is not None:
@@ -48,6 +98,7 @@ def flat_metrics(entry: dict[str, Any]) -> dict[str, float]:
         out["rfid"] = entry["rfid"]["value"]
     if entry["kid"]["mean"] is not None:
         out["kid"] = entry["kid"]["mean"]
+    out.update(latent_metrics(entry.get("latent")))
     return out
 
 

@@ -23,6 +23,7 @@ from sdvae.config import WeightsConfig
 from sdvae.metrics import build_lpips, inception_weights
 from sdvae.pretrained import default_cache_dir
 from sdvae.scoring.candidates import Candidate, Reconstructor, UnusableModel, load_candidate
+from sdvae.scoring.diffusability import IFID_ALPHA, DiffusabilityMetrics
 from sdvae.scoring.features import (
     FID_RELIABLE_FROM,
     FeatureStats,
@@ -60,6 +61,9 @@ class ScoreOptions:
     progress: bool = True
     save_images: str | None = None  # folder for PNG dumps of inputs and reconstructions
     inception: bool = True  # False: no rFID / KID (a machine without the Inception weights)
+    diffusability: bool = True  # the `latent` section: equivariance, spectrum, iFID
+    ifid_max_images: int = 5000  # iFID's nearest-neighbour pool: the first images of the set
+    ifid_alpha: float = IFID_ALPHA  # 0 decodes the latents themselves: iFID = rFID
 
 
 @dataclass
@@ -71,13 +75,21 @@ class ModelMetrics:
     lpips: Moments = field(default_factory=Moments)
     features: FeatureStats = field(default_factory=FeatureStats)
     latents: ChannelMoments | None = None
+    diffusability: DiffusabilityMetrics | None = None
+    diffusability_skipped: str | None = None
 
     def to(self, device: torch.device) -> ModelMetrics:
         for name in ("psnr", "ssim_gaussian", "ssim_uniform", "lpips", "features"):
             getattr(self, name).to(device)
-        if self.latents is not None:
-            self.latents.to(device)
+        for part in (self.latents, self.diffusability):
+            if part is not None:
+                part.to(device)
         return self
+
+    def latent_section(self, real_stats: dict[str, Any] | None, alpha: float) -> dict[str, Any] | None:
+        if self.diffusability_skipped is not None:
+            return {"skipped": self.diffusability_skipped}
+        return None if self.diffusability is None else self.diffusability.compute(real_stats, alpha)
 
 
 def versions() -> dict[str, str | None]:
@@ -157,11 +169,15 @@ def score_models(
         if c.model is not None:
             c.model.to(device)
             metrics.latents = ChannelMoments(c.model.config.latent_channels)
+        if options.diffusability:
+            metrics.diffusability = DiffusabilityMetrics(options.kid_max_images, options.ifid_max_images)
         scored.append((Reconstructor(c, bicubic, options.sample_seed), metrics.to(device)))
 
     skipped: list[dict[str, str]] = []
     grid: list[list[torch.Tensor]] = [[] for _ in range(1 + len(scored))]
     shown = 0
+    image_size: tuple[int, int] | None = None
+    lpips_pair = lambda a, b: perceptual.net(a, b).flatten()  # noqa: E731
     save = Path(options.save_images) if options.save_images else None
     bar = tqdm(total=len(dataset), unit="img", desc="evaluate", disable=not options.progress or rank != 0)
     start = time.perf_counter()
@@ -172,6 +188,7 @@ def score_models(
             continue
         x8, index = batch["images"].to(device), batch["index"].to(device)
         x = x8.float().div(127.5).sub(1.0)
+        image_size = (x.shape[-2], x.shape[-1])
         if inception is not None:
             real.update(inception_features(inception, x8), index)
         perceptual.set_reference(x)
@@ -186,8 +203,15 @@ def score_models(
                 m.lpips.update(perceptual.distances(rec8.float().div(127.5).sub(1.0)))
             if inception is not None:
                 m.features.update(inception_features(inception, rec8), index)
-            if m.latents is not None and z is not None:
+            if m.latents is not None:
                 m.latents.update(z)
+            if m.diffusability is not None:
+                f = m.candidate.model.downsample_factor if m.candidate.model is not None else 1
+                if x.shape[-1] % f or x.shape[-2] % f:  # the latent is of a padded image: no exact pairs
+                    m.diffusability, m.diffusability_skipped = None, f"image sides not multiples of {f}"
+                else:
+                    decode = lambda zz, size, r=reconstruct: r.decode(zz, size, options.precision)  # noqa: E731
+                    m.diffusability.update(x, z, index, decode, lpips_pair)
             rows.append(rec8)
         if save is not None:
             _save_pngs(save, batch["names"], index, rows, [m.candidate.label for _, m in scored])
@@ -198,6 +222,14 @@ def score_models(
             shown += min(take, x8.shape[0])
         bar.update(x8.shape[0])
     bar.close()
+    for reconstruct, m in scored:  # iFID: every rank needs every rank's latents for the neighbours
+        if m.diffusability is not None and inception is not None:  # the same on every rank
+            everyone = _gather_objects((m.diffusability.latents, m.diffusability.index), world)
+            decode = lambda zz, size, r=reconstruct: r.decode(zz, size, options.precision)  # noqa: E731
+            size = image_size or (options.resolution, options.resolution)
+            m.diffusability.interpolate(
+                everyone, decode, size, inception, options.batch_size, device, options.ifid_alpha
+            )
     seconds = time.perf_counter() - start
     all_skipped = [s for part in _gather_objects(skipped, world) for s in part]
 
@@ -220,6 +252,7 @@ def score_models(
             entry["rfid"] = {"value": None, "n": n_real, "reliable": False}
             entry["kid"] = {"mean": None, "std": None, "subset_size": 0, "subsets": 0}
         entry["latents"] = m.latents.compute() if m.latents is not None else None
+        entry["latent"] = m.latent_section(real_stats, options.ifid_alpha)
         entry["sha256"] = m.candidate.sha256
         entry["source"] = m.candidate.source
         results[m.candidate.label] = entry

@@ -21,10 +21,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sdvae.config import Config
 from sdvae.evaluation import ReconstructionMetrics
+from sdvae.latent_transforms import LatentTransform
 from sdvae.losses import GeneratorTerms, VAEGANLoss
 from sdvae.models.autoencoder_kl import AutoencoderKL
 from sdvae.models.discriminator import NLayerDiscriminator
 from sdvae.training.compiling import compile_for_training
+from sdvae.training.equivariance import EquivarianceSchedule
 from sdvae.training.plan import TrainingPlan, initial_plan
 from sdvae.training.stepping import Trained, finish_window
 
@@ -80,6 +82,7 @@ class VAEGANModule(L.LightningModule):
         if cfg.train.decoder_only:
             freeze_encoder(autoencoder)
         self.plan: TrainingPlan = initial_plan(cfg)  # saved in checkpoints; a budgeted run replans early
+        self.equivariance = EquivarianceSchedule(cfg.loss, cfg.train.seed, autoencoder.downsample_factor)
         # counters, saved in checkpoints
         self.windows = 0  # optimisation windows completed
         self.g_steps = 0
@@ -87,6 +90,8 @@ class VAEGANModule(L.LightningModule):
         self.micro = 0  # micro-batches into the current window
         self.bad_steps = 0  # total skipped steps (non-finite)
         self.overflow_steps = 0  # windows a GradScaler skipped while finding its scale (16-mixed)
+        self.eq_steps = 0  # generator steps that carried the equivariance term
+        self._eq_window = False
         self.consecutive_bad = 0
         self.window_done = False
         self.window_bad = torch.zeros(())  # non-finite losses seen in the current window
@@ -177,6 +182,16 @@ class VAEGANModule(L.LightningModule):
                 )
             return self.loss.generator(batch, xrec32, posterior, logits, last, self.perceptual_active, last_out)
 
+    def equivariance_term(self, batch: torch.Tensor, posterior: Any, transform: LatentTransform) -> torch.Tensor:
+        """EQ-VAE's pair: a fresh posterior sample, transformed and decoded, against the same
+        transform of the image. Only reconstruction and LPIPS see it: the GAN and its adaptive
+        weight stay on the plain reconstruction (README, "Equivariance regulariser")."""
+        decoded = self.autoencoder.decode(transform.latent(posterior.sample()))
+        f = self.autoencoder.downsample_factor
+        target = transform.image(batch, (transform.latent_size[0] * f, transform.latent_size[1] * f))
+        with torch.autocast(batch.device.type, enabled=False):
+            return self.loss.equivariance(target, decoded.float(), batch[0].numel(), self.perceptual_active)
+
     # -- training --------------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         t = self.cfg.train
@@ -199,6 +214,10 @@ class VAEGANModule(L.LightningModule):
         if train_g:
             xrec, posterior = self.autoencoder(batch, sample_posterior=True)
             terms = self.generator_terms(batch, xrec, posterior, use_gan)
+            transform = self.equivariance.draw(self.g_steps, tuple(posterior.mean.shape[-2:]))
+            self._eq_window = transform is not None
+            if transform is not None:
+                terms = terms.plus(self.equivariance_term(batch, posterior, transform), "eq_loss")
             logs.update(terms.logs)
             self.window_bad = self.window_bad + (~(torch.isfinite(terms.loss) & torch.isfinite(terms.backward))).float()
             self.manual_backward(terms.backward / k)
@@ -245,6 +264,7 @@ class VAEGANModule(L.LightningModule):
             if train_g:
                 sch_g.step()
                 self.g_steps += 1
+                self.eq_steps += int(self._eq_window)
                 if self.ema is not None:
                     self.ema.update_parameters(self.autoencoder)
             if train_d:
@@ -280,6 +300,8 @@ class VAEGANModule(L.LightningModule):
         row["train/skipped_steps"] = float(self.bad_steps)
         if self.overflow_steps:
             row["train/overflow_steps"] = float(self.overflow_steps)
+        if self.equivariance.enabled:
+            row["train/eq_steps"] = float(self.eq_steps)
         self._t_last, self._images_since = now, 0
         if self.logger is not None:
             self.logger.log_metrics(row, step=self.windows)
@@ -326,6 +348,7 @@ class VAEGANModule(L.LightningModule):
             "d_steps": self.d_steps,
             "bad_steps": self.bad_steps,
             "overflow_steps": self.overflow_steps,
+            "eq_steps": self.eq_steps,
             "micro": self.micro,
         }
         checkpoint["sdvae_history"] = self.history
@@ -340,6 +363,7 @@ class VAEGANModule(L.LightningModule):
         self.windows, self.g_steps, self.d_steps = c["windows"], c["g_steps"], c["d_steps"]
         self.bad_steps, self.micro = c["bad_steps"], c["micro"]
         self.overflow_steps = c.get("overflow_steps", 0)
+        self.eq_steps = c.get("eq_steps", 0)
         self.history = list(checkpoint.get("sdvae_history", []))
         if "sdvae_plan" in checkpoint:
             self.plan = TrainingPlan(**checkpoint["sdvae_plan"])

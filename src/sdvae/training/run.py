@@ -188,6 +188,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     decided = {
         "plan": module.plan.as_record(),
         **({"precision_timing": measured.choice.as_record()} if measured.choice is not None else {}),
+        **({"eq_steps": module.eq_steps} if module.equivariance.enabled else {}),
     }
     result = {
         "run_id": logger.run_id,

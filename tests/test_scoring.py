@@ -18,6 +18,7 @@ from sdvae.cli import main as cli
 from sdvae.formats import load_any, save_diffusers, save_ldm
 from sdvae.models import AutoencoderKL
 from sdvae.scoring.protocol import psnr_per_image, ssim_gaussian, ssim_uniform, to_uint8
+from sdvae.scoring.report import flat_metrics
 from tests.conftest import to_tensor
 
 RES = 64
@@ -159,6 +160,12 @@ def test_cli_scores_models_on_the_same_images_and_lists_bad_ones(tiny_model, fol
     assert latents["scaling_factor_of_modes"] == pytest.approx(1 / latents["overall_std"])
     assert diffusers_scores["sha256"] and result["models"]["bicubic"]["sha256"] is None
     assert "| bicubic |" in captured.out and "unreliable" in captured.out
+    for label in (str(tiny_model), "bicubic"):  # the diffusability section, for a VAE and for bicubic
+        latent = result["models"][label]["latent"]
+        assert latent["scale_equivariance"]["psnr"]["n"] == latent["rotation_equivariance"]["psnr"]["n"] == 7
+        assert 0 < latent["spectrum"]["latent_high_frequency_share"]["mean"] < 1
+        assert latent["ifid"]["n"] == 7 and latent["ifid"]["value"] > 0
+    assert "| rot90-eq. PSNR |" in captured.out
     assert Image.open(grid).height > 4 * RES  # input + three model rows, labelled
     dumped = sorted(p.name for p in (tmp_path / "dump" / "originals").iterdir())
     assert len(dumped) == 7 and len(list((tmp_path / "dump" / "bicubic").iterdir())) == 7
@@ -231,6 +238,10 @@ def test_two_ddp_processes_give_the_figures_of_one(tiny_model, folder, tmp_path)
             assert two["models"][label][key]["mean"] == pytest.approx(one["models"][label][key]["mean"], rel=1e-5)
         assert two["models"][label]["rfid"]["value"] == pytest.approx(one["models"][label]["rfid"]["value"], rel=1e-4)
         assert two["models"][label]["kid"]["mean"] == pytest.approx(one["models"][label]["kid"]["mean"], rel=1e-4)
+        latent_one, latent_two = (flat_metrics(r["models"][label]) for r in (one, two))
+        assert set(latent_two) == set(latent_one) >= {"latent_scale_psnr", "latent_rotation_psnr", "ifid"}
+        for key in ("latent_scale_psnr", "latent_scale_lpips", "latent_rotation_psnr", "latent_hf_share", "ifid"):
+            assert latent_two[key] == pytest.approx(latent_one[key], rel=1e-4), key  # neighbours across ranks
 
 
 def test_baseline_flags_each_metric_in_its_direction():

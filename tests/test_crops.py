@@ -83,3 +83,31 @@ def test_crops_are_deterministic_per_seed_and_keep_their_distribution(tmp_path, 
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     # the window is drawn inside the scaled image: flips and positions vary across reads of one file
     assert len({bytes(c.numpy()) for c in first[::3]}) == 10
+
+
+def test_smooth_crops_keep_the_colours_and_lose_the_detail(tmp_path, photos):
+    """`data.smooth_share`: that share of crops is the crop's content at 1/2 to 1/8 resolution,
+    bicubic back up: the same mean colour, far less high-frequency power, same shape and dtype."""
+    from sdvae.data.datamodule import smoothed
+    from sdvae.scoring.diffusability import high_frequency_share
+
+    crop = torch.from_numpy(np.ascontiguousarray(photos[0][:64, :64])).permute(2, 0, 1)
+    torch.manual_seed(0)
+    smooth = smoothed(crop)
+    assert smooth.shape == crop.shape and smooth.dtype == torch.uint8
+    assert torch.allclose(smooth.float().mean(dim=(1, 2)), crop.float().mean(dim=(1, 2)), atol=2.0)
+    assert float(high_frequency_share(smooth[None].float())) < 0.3 * float(high_frequency_share(crop[None].float()))
+
+    raw = tmp_path / "raw" / "images"
+    raw.mkdir(parents=True)
+    for i, arr in enumerate(photos[:3]):
+        Image.fromarray(arr).save(raw / f"p{i}.jpg", quality=95)
+    prepare_split(tmp_path / "raw", tmp_path / "train", PrepareSpec("train", 32, 16, 10**8, max_short_side=192))
+    torch.manual_seed(0)
+    plain = [TrainImages(tmp_path / "train", 32, (32, 192), shuffle=False)[i % 3] for i in range(40)]
+    torch.manual_seed(0)
+    images = TrainImages(tmp_path / "train", 32, (32, 192), shuffle=False, smooth_share=0.5)
+    mixed = [images[i % 3] for i in range(40)]
+    shares = [float(high_frequency_share(c[None].float())) for c in (*plain, *mixed)]
+    smoothest_plain = min(shares[:40])
+    assert 8 <= sum(s < smoothest_plain for s in shares[40:]) <= 32  # about half, and only those

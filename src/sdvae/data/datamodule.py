@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader, Subset
 
@@ -82,20 +83,36 @@ class TrainImages(StreamingDataset):
         shuffle: bool = True,
         return_ids: bool = False,
         stream_cache: str | None = None,
+        smooth_share: float = 0.0,
     ) -> None:
         manifest = read_manifest(root)
         source = manifest.get("remote") or str(Path(root).resolve())  # data.cache_uri: streamed
         # stream_cache: where chunks of a remote cache land (None: litdata's default, ~/.lightning/chunks)
         super().__init__(source, shuffle=shuffle, drop_last=True, seed=seed, cache_dir=stream_cache)
         self.resolution, self.short_side, self.return_ids = resolution, short_side, return_ids
+        self.smooth_share = smooth_share
 
     def __getitem__(self, index: Any) -> torch.Tensor | tuple[torch.Tensor, str]:
         sample = super().__getitem__(index)
         img = random_crop_encoded(sample["image"], self.resolution, self.short_side)
         out = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # a writable copy
         out = out.flip(-1) if torch.rand(()) < 0.5 else out
+        if self.smooth_share > 0 and torch.rand(()) < self.smooth_share:
+            out = smoothed(out)
         # the sample's identity (file and copy), for checking epochs, resumes and DDP splits
         return (out, f"{sample['name']}#{sample['copy']}") if self.return_ids else out
+
+
+def smoothed(crop: torch.Tensor) -> torch.Tensor:
+    """The crop's content at 1/2 to 1/8 of its resolution (anti-aliased), brought back by bicubic:
+    a real photo's colours and gradients without its detail. `data.smooth_share` of the crops are
+    these, for the smooth photos (skies, walls, night) the default otherwise rarely trains on."""
+    side = crop.shape[-1]
+    factor = 2.0 ** (1.0 + 2.0 * float(torch.rand(())))
+    small = max(2, round(side / factor))
+    x = F.interpolate(crop[None].float(), size=(small, small), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=tuple(crop.shape[-2:]), mode="bicubic", align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
 class EvalImages(StreamingDataset):
@@ -134,8 +151,10 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_images: int = 16,
         seed: int = 0,
+        smooth_share: float = 0.0,
     ) -> None:
         super().__init__()
+        self.smooth_share = smooth_share
         self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resolution, self.short_side, self.seed = resolution, short_side, seed
@@ -150,7 +169,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"{self.train_dir}: {count} training samples, fewer than one batch of {self.batch_size}; "
                 "lower train.batch_size, raise data.samples_per_image or add data"
             )
-        self.train_set = TrainImages(self.train_dir, self.resolution, self.short_side, self.seed)
+        self.train_set = TrainImages(
+            self.train_dir, self.resolution, self.short_side, self.seed, smooth_share=self.smooth_share
+        )
         val = EvalImages(self.val_dir)
         self.val_set = Subset(val, range(min(self.val_images, val.manifest["count"])))
 

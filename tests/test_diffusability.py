@@ -160,3 +160,17 @@ def test_ifid_without_interpolation_is_rfid_on_its_code_path(tiny_folder):
         [("m", str(model))], f"folder:{images}", ScoreOptions(resolution=32, workers=0, progress=False)
     )["models"]["m"]["latent"]["ifid"]
     assert halfway["alpha"] == 0.5 and halfway["value"] != pytest.approx(result["models"]["m"]["rfid"]["value"])
+
+
+def test_a_resolution_the_latent_cannot_tile_is_skipped_with_its_reason(tiny_folder):
+    """33 px on a 2x model: the latent is of a padded image, so no pair lines up; bicubic, whose
+    "decoder" takes any size, keeps its figures. Without Inception iFID says why it is missing."""
+    from sdvae.scoring.run import ScoreOptions, score_models
+
+    images, model = tiny_folder
+    options = ScoreOptions(resolution=33, workers=0, progress=False, inception=False)
+    result = score_models([("m", str(model)), ("bicubic", "bicubic")], f"folder:{images}", options)
+    assert result["models"]["m"]["latent"] == {"skipped": "resolution 33 is not a multiple of 2"}
+    bicubic = result["models"]["bicubic"]["latent"]
+    assert bicubic["rotation_equivariance"]["psnr"]["n"] == 6 and bicubic["ifid"]["value"] is None
+    assert "Inception" in bicubic["ifid"]["why_none"]

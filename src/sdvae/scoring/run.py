@@ -169,7 +169,10 @@ def score_models(
         if c.model is not None:
             c.model.to(device)
             metrics.latents = ChannelMoments(c.model.config.latent_channels)
-        if options.diffusability:
+        factor = c.model.downsample_factor if c.model is not None else 1
+        if options.diffusability and options.resolution % factor:  # decided alike on every rank
+            metrics.diffusability_skipped = f"resolution {options.resolution} is not a multiple of {factor}"
+        elif options.diffusability:
             metrics.diffusability = DiffusabilityMetrics(options.kid_max_images, options.ifid_max_images)
         scored.append((Reconstructor(c, bicubic, options.sample_seed), metrics.to(device)))
 
@@ -205,13 +208,9 @@ def score_models(
                 m.features.update(inception_features(inception, rec8), index)
             if m.latents is not None:
                 m.latents.update(z)
-            if m.diffusability is not None:
-                f = m.candidate.model.downsample_factor if m.candidate.model is not None else 1
-                if x.shape[-1] % f or x.shape[-2] % f:  # the latent is of a padded image: no exact pairs
-                    m.diffusability, m.diffusability_skipped = None, f"image sides not multiples of {f}"
-                else:
-                    decode = lambda zz, size, r=reconstruct: r.decode(zz, size, options.precision)  # noqa: E731
-                    m.diffusability.update(x, z, index, decode, lpips_pair)
+            if m.diffusability is not None:  # images are resolution x resolution: latent and image line up
+                decode = lambda zz, size, r=reconstruct: r.decode(zz, size, options.precision)  # noqa: E731
+                m.diffusability.update(x, z, index, decode, lpips_pair)
             rows.append(rec8)
         if save is not None:
             _save_pngs(save, batch["names"], index, rows, [m.candidate.label for _, m in scored])

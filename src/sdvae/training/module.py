@@ -214,6 +214,8 @@ class VAEGANModule(L.LightningModule):
         if train_g:
             xrec, posterior = self.autoencoder(batch, sample_posterior=True)
             terms = self.generator_terms(batch, xrec, posterior, use_gan)
+            # after generator_terms: under 16-mixed it recomputes the last layer from the input the
+            # main decode left at conv_out, which the second decode below overwrites
             transform = self.equivariance.draw(self.g_steps, tuple(posterior.mean.shape[-2:]))
             self._eq_window = transform is not None
             if transform is not None:

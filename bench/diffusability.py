@@ -67,16 +67,7 @@ def finetune(base: dict[str, Any], args: argparse.Namespace, seed: int, equivari
     params["loss"].update(equivariance=equivariance, disc_factor=0.0)
     store = Path(args.work).resolve() / "mlflow.db"
     params["tracking"] = {"uri": f"sqlite:///{store}", "experiment": "bench-diffusability"}
-    paths = TrainPaths(
-        train_cache=ROOT / "data/cache/train",
-        eval_cache=ROOT / "data/cache/eval",
-        checkpoints=work / "ckpt",
-        out=work / "out",
-        grids=work / "grids",
-        metrics=work / "train.json",
-        train_csv=work / "train.csv",
-        val_csv=work / "val.csv",
-    )
+    paths = TrainPaths.under(work, ROOT / "data/cache")
     start = time.perf_counter()
     train(config_from_dict(params), paths)
     seconds = time.perf_counter() - start

@@ -84,17 +84,7 @@ def make(caches: Path, tmp: Path, **overrides: dict) -> tuple[Config, TrainPaths
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     params["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "test"}
-    paths = TrainPaths(
-        train_cache=caches / "train",
-        eval_cache=caches / "eval",
-        checkpoints=tmp / "ckpt",
-        out=tmp / "out",
-        grids=tmp / "grids",
-        metrics=tmp / "train.json",
-        train_csv=tmp / "train.csv",
-        val_csv=tmp / "val.csv",
-    )
-    return config_from_dict(params), paths
+    return config_from_dict(params), TrainPaths.under(tmp, caches)
 
 
 def _rows(paths: TrainPaths) -> list[dict[str, str]]:

@@ -53,6 +53,20 @@ class TrainPaths:
     train_csv: Path = Path("metrics/train_steps.csv")
     val_csv: Path = Path("metrics/val_steps.csv")
 
+    @classmethod
+    def under(cls, folder: Path, caches: Path) -> TrainPaths:
+        """Every output in one folder, the caches in `caches` (train/, eval/): benches and tests."""
+        return cls(
+            train_cache=caches / "train",
+            eval_cache=caches / "eval",
+            checkpoints=folder / "ckpt",
+            out=folder / "out",
+            grids=folder / "grids",
+            metrics=folder / "train.json",
+            train_csv=folder / "train.csv",
+            val_csv=folder / "val.csv",
+        )
+
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     return resolve_store(cfg.uri)[0]

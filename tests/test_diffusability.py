@@ -174,3 +174,14 @@ def test_a_resolution_the_latent_cannot_tile_is_skipped_with_its_reason(tiny_fol
     bicubic = result["models"]["bicubic"]["latent"]
     assert bicubic["rotation_equivariance"]["psnr"]["n"] == 6 and bicubic["ifid"]["value"] is None
     assert "Inception" in bicubic["ifid"]["why_none"]
+
+
+def test_a_scaled_pair_under_16_px_gets_psnr_but_no_lpips():
+    def no_lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("LPIPS-VGG cannot score an 8 px image")
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    metrics = DiffusabilityMetrics()
+    metrics.update(x, x.clone(), torch.arange(2), lambda z, size: z, no_lpips)
+    scale = metrics.compute(None)["scale_equivariance"]
+    assert scale["psnr"]["n"] == 2 and scale["lpips"]["n"] == 0

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sdvae.latent_transforms import LatentTransform, resize
+from sdvae.latent_transforms import MIN_DECODED_SIDE, LatentTransform, resize
 from sdvae.scoring.features import FID_RELIABLE_FROM, FeatureStats, frechet_distance, inception_features
 from sdvae.scoring.protocol import psnr_per_image, to_uint8
 from sdvae.scoring.stats import Moments
@@ -103,7 +103,8 @@ class DiffusabilityMetrics:
             size = (round(h * half[0] / zh), round(w * half[1] / zw))
             target8, rec8 = to_uint8(scaled.image(x, size)), to_uint8(decode(scaled.latent(z), size))
             self.scale_psnr.update(psnr_per_image(target8, rec8))
-            self.scale_lpips.update(lpips(_unit(target8), _unit(rec8)))
+            if min(size) >= MIN_DECODED_SIDE:  # LPIPS-VGG's four poolings need 16 px
+                self.scale_lpips.update(lpips(_unit(target8), _unit(rec8)))
         turned = LatentTransform((zh, zw), quarter_turns=1)
         target8 = to_uint8(turned.image(x, (h, w)))
         self.rotation_psnr.update(psnr_per_image(target8, to_uint8(decode(turned.latent(z), (w, h)))))

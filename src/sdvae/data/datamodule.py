@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from sdvae.data.encoding import decode, decode_resized, stored_size
 from sdvae.data.images import resize_to, short_side_size
 from sdvae.data.prepare import FORMAT, MANIFEST
+from sdvae.latent_transforms import resize
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -110,8 +111,9 @@ def smoothed(crop: torch.Tensor) -> torch.Tensor:
     side = crop.shape[-1]
     factor = 2.0 ** (1.0 + 2.0 * float(torch.rand(())))
     small = max(2, round(side / factor))
-    x = F.interpolate(crop[None].float(), size=(small, small), mode="bilinear", antialias=True, align_corners=False)
-    x = F.interpolate(x, size=tuple(crop.shape[-2:]), mode="bicubic", align_corners=False)
+    x = F.interpolate(
+        resize(crop[None], (small, small)), size=tuple(crop.shape[-2:]), mode="bicubic", align_corners=False
+    )
     return x[0].round().clamp(0, 255).to(torch.uint8)
 
 

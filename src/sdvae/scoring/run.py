@@ -12,6 +12,7 @@ import importlib.metadata as md
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +210,9 @@ def score_models(
             if m.latents is not None:
                 m.latents.update(z)
             if m.diffusability is not None:  # images are resolution x resolution: latent and image line up
-                decode = lambda zz, size, r=reconstruct: r.decode(zz, size, options.precision)  # noqa: E731
-                m.diffusability.update(x, z, index, decode, lpips_pair)
+                m.diffusability.update(
+                    x, z, index, partial(reconstruct.decode, precision=options.precision), lpips_pair
+                )
             rows.append(rec8)
         if save is not None:
             _save_pngs(save, batch["names"], index, rows, [m.candidate.label for _, m in scored])
@@ -224,7 +226,7 @@ def score_models(
     for reconstruct, m in scored:  # iFID: every rank needs every rank's latents for the neighbours
         if m.diffusability is not None and inception is not None:  # the same on every rank
             everyone = _gather_objects((m.diffusability.latents, m.diffusability.index), world)
-            decode = lambda zz, size, r=reconstruct: r.decode(zz, size, options.precision)  # noqa: E731
+            decode = partial(reconstruct.decode, precision=options.precision)
             size = image_size or (options.resolution, options.resolution)
             m.diffusability.interpolate(
                 everyone, decode, size, inception, options.batch_size, device, options.ifid_alpha

@@ -75,6 +75,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "no_gan": {"loss.disc_factor": 0.0},
     # smooth photos lose to bicubic (flat fields come back tinted and banded): train on smooth content
     "smooth_25": {"data.smooth_share": 0.25},
+    # GroupNorm over 2 channels (tiny's 32 channels in 16 groups) maps any flat map to +-1: the
+    # colour of a flat region survives only as a sign per group. Fewer, wider groups keep it.
+    "groups_4": {"model.norm_num_groups": 4},
+    "groups_1": {"model.norm_num_groups": 1},
 }
 
 

@@ -104,7 +104,8 @@ def main() -> None:
     entry = {
         "model": args.model, "images": args.folder, "size": size, "steps": args.steps, "lr": args.lr,
         "mean": summary, "rows": rows,
-        "command": f"python bench/latent_inversion.py {args.folder} --model {args.model} --name {args.name}",
+        "command": f"python bench/latent_inversion.py {args.folder} --model {args.model} --name {args.name} "
+        f"--steps {args.steps} --lr {args.lr}",
     }  # fmt: skip
     store_entry(args.out, f"latent_inversion_{args.name}", entry)
     print(json.dumps(entry, indent=1))

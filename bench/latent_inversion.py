@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,11 @@ import torch
 from PIL import Image
 
 from flat_field import FIELDS, field
+from per_image import photo_name
 from results import store_entry
 from sdvae.baseline import bicubic_roundtrip
 from sdvae.formats import load_any
+from sdvae.scoring.protocol import psnr_per_image, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +42,12 @@ def load_originals(folder: Path) -> tuple[list[str], torch.Tensor]:
     if not paths:
         raise SystemExit(f"no originals/*.png under {folder}: run `sdvae evaluate ... --save-images {folder}`")
     arrays = [np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1 for p in paths]
-    names = [p.stem.split("_", 1)[1].split("__")[-1] for p in paths]
-    return names, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return [photo_name(p) for p in paths], torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    mse = ((x - y) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
-    return [round(10 * math.log10(1 / float(m)), 2) for m in mse]
+def psnr(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Per-image PSNR in `sdvae evaluate`'s protocol (both sides as 8-bit images)."""
+    return [round(float(v), 2) for v in psnr_per_image(to_uint8(x), to_uint8(y))]
 
 
 def invert(decode, z0: torch.Tensor, x: torch.Tensor, steps: int, lr: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -87,7 +87,7 @@ def main() -> None:
         shift = ((z - z0).abs().mean(dim=(1, 2, 3)) / z0.std(dim=(1, 2, 3))).tolist()
         bicubic = bicubic_roundtrip(x, model.downsample_factor, model.config.latent_channels)
         columns = zip(
-            labels, psnr_per_image(x, bicubic), psnr_per_image(x, encoded), psnr_per_image(x, inverted), shift,
+            labels, psnr(x, bicubic), psnr(x, encoded), psnr(x, inverted), shift,
             strict=True,
         )  # fmt: skip
         for label, b, e, i, s in columns:

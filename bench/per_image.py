@@ -31,6 +31,11 @@ def _load(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), np.float64) / 255.0
 
 
+def photo_name(original: Path) -> str:
+    """The photo's own name from a saved original's file name (`<index>_<set>__<photo>.png`)."""
+    return original.stem.split("_", 1)[1].split("__")[-1]
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a - b) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -50,7 +55,7 @@ def rows_for(folder: Path, model: str, baseline: str) -> list[dict]:
         dc = float(np.mean((m - x).mean(axis=(0, 1)) ** 2))  # squared error of the mean colour alone
         rows.append(
             {
-                "image": original.stem.split("_", 1)[1].split("__")[-1],
+                "image": photo_name(original),
                 "gradient": round(smoothness(x), 4),
                 "bicubic_psnr": round(psnr(b, x), 2),
                 "model_psnr": round(psnr(m, x), 2),

@@ -100,7 +100,7 @@ def test_latent_inversion_fits_each_image_and_leaves_unused_channels_alone():
     ignores, keeps the encoder's value."""
     import torch.nn.functional as F
 
-    from latent_inversion import invert, psnr_per_image
+    from latent_inversion import invert, psnr
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         return F.interpolate(z[:, :3], scale_factor=2, mode="nearest")
@@ -110,7 +110,7 @@ def test_latent_inversion_fits_each_image_and_leaves_unused_channels_alone():
     x = decode(z_true)
     z0 = torch.zeros_like(z_true)
     z = invert(decode, z0, x, steps=300, lr=0.05)
-    before, after = psnr_per_image(x, decode(z0)), psnr_per_image(x, decode(z))
+    before, after = psnr(x, decode(z0)), psnr(x, decode(z))
     assert all(b < 15 for b in before)
     assert all(a > 40 for a in after)
     assert torch.equal(z[:, 3], z0[:, 3])

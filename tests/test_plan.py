@@ -10,7 +10,7 @@ import pytest
 
 from sdvae.config import config_from_dict
 from sdvae.training.module import VAEGANModule, lr_lambda
-from sdvae.training.plan import TrainingPlan, budget_plan, phase_shares, round_down
+from sdvae.training.plan import MIN_WINDOWS, TrainingPlan, budget_plan, phase_shares, round_down
 from sdvae.training.run import train
 from tests.test_training import caches, make  # noqa: F401 - the module-scoped photo caches
 
@@ -83,6 +83,22 @@ def test_a_module_runs_its_schedulers_for_the_windows_each_optimizer_steps():
         assert sch.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.fixture
+def short_calibration(monkeypatch):
+    """Calibrate on windows 2-5 instead of 5-20, so the timed span ends before MIN_WINDOWS.
+
+    A run whose budget runs out while its windows are still being timed has already trained
+    `done` windows and plans `done + 1`; a run planned from the cache starts at 0 and plans what
+    the budget fits. On a slow or busy machine a few-second test budget fits fewer than 20
+    windows, so with the default span these tests would compare a clamped plan with a free one.
+    """
+    import sdvae.training.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "SKIPPED_WINDOWS", 2)
+    monkeypatch.setattr(plan_mod, "TIMED_WINDOWS", 3)
+    assert plan_mod.SKIPPED_WINDOWS + plan_mod.TIMED_WINDOWS < plan_mod.MIN_WINDOWS
+
+
 class SlowWindows(L.Callback):
     """Adds a fixed sleep to every training batch: a slower machine, on purpose."""
 
@@ -94,7 +110,12 @@ class SlowWindows(L.Callback):
 
 
 @pytest.mark.slow
-def test_a_slowed_step_plans_fewer_windows_with_the_same_schedule_fractions(caches, tmp_path, monkeypatch):  # noqa: F811
+def test_a_slowed_step_plans_fewer_windows_with_the_same_schedule_fractions(
+    caches,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    short_calibration,
+):
     import sdvae.training.run as run_mod
 
     monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / "timings.json"))
@@ -115,15 +136,26 @@ def test_a_slowed_step_plans_fewer_windows_with_the_same_schedule_fractions(cach
         assert json.loads(paths.metrics.read_text())["plan"] == plan
         plans[sleep] = plan
     fast, slow = plans[0.0], plans[0.15]
-    assert slow["windows"] < fast["windows"], plans
+    # the calibration sees the sleep (half of it at least, whatever else the machine is doing)
+    assert slow["window_s"] > fast["window_s"] + 0.075, plans
+    for plan in (fast, slow):
+        # each plan is the budget's worth of its measured windows (record rounded to 6 digits)
+        fits = [round_down(int(8.0 / (plan["window_s"] * (1 + e)))) for e in (1e-5, -1e-5)]
+        assert max(MIN_WINDOWS, fits[0]) <= plan["windows"] <= max(MIN_WINDOWS, fits[1]), plan
+        assert plan["disc_start"] == round(30 * plan["windows"] / 40)
+    # so the slower machine plans fewer windows, unless both are at the floor
+    assert slow["windows"] < fast["windows"] or slow["windows"] == fast["windows"] == MIN_WINDOWS, plans
     # the sleep alone makes a window at least 0.15 s: the plan cannot exceed the budget's worth
     assert slow["windows"] <= 8.0 / 0.15 + 1
-    for plan in (fast, slow):
-        assert plan["disc_start"] == round(30 * plan["windows"] / 40)
 
 
 @pytest.mark.slow
-def test_the_same_machine_plans_the_same_run_and_a_resume_keeps_it(caches, tmp_path, monkeypatch):  # noqa: F811
+def test_the_same_machine_plans_the_same_run_and_a_resume_keeps_it(
+    caches,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    short_calibration,
+):
     monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / "timings.json"))
     cfg, paths = make(caches, tmp_path / "a", loss={"disc_start": 30}, train={**BUDGETED, "time_budget_s": 5.0})
     first = train(cfg, paths)

@@ -22,7 +22,7 @@ def test_smoke_run_on_cpu_completes_every_phase_with_measured_figures(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=2400,
     )
     result = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

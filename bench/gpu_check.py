@@ -165,7 +165,7 @@ def main() -> None:
         return
     if not args.out:
         parser.error("--out is required (or --merge)")
-    if args.budget_s is None:  # a smoke run's caps only stop a hang: a cold CPU compile took 1-3 minutes on 2 cores
+    if args.budget_s is None:  # caps only stop a hang: a cold CPU compile once overran 135 s on a 2-core Xeon
         args.budget_s = 1800.0 if args.smoke else 480.0
     import torch
 

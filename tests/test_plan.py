@@ -99,6 +99,33 @@ def short_calibration(monkeypatch):
     assert plan_mod.SKIPPED_WINDOWS + plan_mod.TIMED_WINDOWS < plan_mod.MIN_WINDOWS
 
 
+@pytest.mark.parametrize("decoder_only", [False, True])
+def test_the_encoder_side_learns_at_its_own_rate(decoder_only):
+    cfg = config_from_dict(
+        {
+            "model": {"block_out_channels": [16, 32], "norm_num_groups": 8},
+            "loss": {"perceptual_weight": 0.0},
+            "train": {"resolution": 32, "max_steps": 10, "lr": 1e-3, "encoder_lr_scale": 3.0},
+        }
+    )
+    from sdvae.models.factory import build_autoencoder
+
+    autoencoder = build_autoencoder(cfg.model, 32)
+    if decoder_only:
+        autoencoder.encoder.requires_grad_(False)
+        autoencoder.quant_conv.requires_grad_(False)
+    module = VAEGANModule(cfg, autoencoder, None)
+    (opt_g, _), _ = module.configure_optimizers()
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt_g.param_groups}
+    encoder = {id(p) for p in [*autoencoder.encoder.parameters(), *autoencoder.quant_conv.parameters()]}
+    trainable = {id(p) for p in autoencoder.parameters() if p.requires_grad}
+    if decoder_only:  # the frozen encoder is in no group
+        assert list(by_lr) == [pytest.approx(1e-3)] and set().union(*by_lr.values()) == trainable
+    else:
+        assert sorted(by_lr) == [pytest.approx(1e-3), pytest.approx(3e-3)]
+        assert by_lr[max(by_lr)] == encoder and by_lr[min(by_lr)] == trainable - encoder
+
+
 class SlowWindows(L.Callback):
     """Adds a fixed sleep to every training batch: a slower machine, on purpose."""
 

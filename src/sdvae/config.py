@@ -116,6 +116,7 @@ class TrainConfig:
     accumulate_grad_batches: int = num(1, ge=1)
     lr: float = num(2e-4, gt=0.0)
     disc_lr: float | None = num(None, gt=0.0)
+    encoder_lr_scale: float = num(1.0, gt=0.0)  # the encoder's (and quant conv's) lr = lr x this
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = num(0.0, ge=0.0)
     lr_schedule: Literal["constant", "linear_warmup", "cosine"] = "constant"

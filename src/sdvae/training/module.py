@@ -109,12 +109,23 @@ class VAEGANModule(L.LightningModule):
             params.append(self.loss.logvar)
         return params
 
+    def generator_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: the encoder side (encoder, quant conv) at `lr x train.encoder_lr_scale`,
+        the rest at `lr`; only the encoder learns what latent each image gets, so it can be
+        given its own pace. Frozen parameters (decoder-only runs) are left out."""
+        t = self.cfg.train
+        ae = self.autoencoder
+        encoder_side = [*ae.encoder.parameters(), *(ae.quant_conv.parameters() if ae.quant_conv is not None else [])]
+        ids = {id(p) for p in encoder_side}
+        encoder = [p for p in encoder_side if p.requires_grad]
+        rest = [p for p in self.generator_parameters() if id(p) not in ids]
+        groups = [{"params": rest, "lr": t.lr}, {"params": encoder, "lr": t.lr * t.encoder_lr_scale}]
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self) -> Any:
         t = self.cfg.train
         fused = {"fused": True} if torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda") else {}
-        opt_g = torch.optim.AdamW(
-            self.generator_parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
-        )
+        opt_g = torch.optim.AdamW(self.generator_groups(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused)
         opt_d = torch.optim.AdamW(
             self.discriminator.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
         )

@@ -71,6 +71,27 @@ def test_convergence_recipes_apply_to_the_base_params_and_summarize_over_seeds()
     assert row["beats_bicubic"] == {"lpips": True, "psnr": False, "ssim": False}
 
 
+def test_a_cached_run_stays_valid_when_an_option_is_added_off():
+    """Runs cached before a params key existed count for the base that has it at its default
+    (the same configuration), not for one that turns it on, and never when a key was removed."""
+    import copy
+
+    import yaml
+
+    from convergence import same_base
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    before = copy.deepcopy(base)
+    del before["loss"]["lowpass_weight"], before["train"]["encoder_lr_scale"]
+    assert same_base(before, base)
+    on = copy.deepcopy(base)
+    on["loss"]["lowpass_weight"] = 1.0
+    assert not same_base(before, on)
+    removed = copy.deepcopy(base)
+    removed["loss"]["no_longer_a_key"] = 1.0
+    assert not same_base(removed, base)
+
+
 def test_per_image_diagnosis_finds_a_planted_colour_shift(tmp_path):
     import numpy as np
     from PIL import Image

@@ -146,3 +146,24 @@ def test_compiled_networks_give_eager_gradients(lpips_net, photos):
     floor = 1e-3 * max(float(g.abs().max()) for g in grads[0])
     for i, (a, b) in enumerate(zip(grads[1], grads[0], strict=True)):
         assert_fp32_close(a, b, f"compiled gradient {i}", scale_floor=floor)
+
+
+def test_the_lowpass_term_weighs_a_colour_shift_and_not_texture():
+    """`loss.lowpass_weight`: a shift of the whole image adds weight x its size per pixel, while
+    texture whose 8-pixel blocks average out adds (nearly) nothing; partial blocks are covered."""
+    loss = VAEGANLoss(LossConfig(perceptual_weight=0.0, lowpass_weight=2.0), None)
+    plain = VAEGANLoss(LossConfig(perceptual_weight=0.0), None)
+    x = torch.rand(2, 3, 20, 20)  # 20 = two whole 8-pixel blocks and a partial one
+    shifted = x + 0.05
+    rec, pixel, _ = loss.reconstruction(x, shifted)
+    assert rec.shape == x.shape
+    torch.testing.assert_close(rec, torch.full_like(rec, 0.05 * 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixel, torch.tensor(0.05), atol=1e-5, rtol=0)  # logged: the plain term
+    checker = torch.ones(2, 3, 16, 16)
+    checker[..., ::2, :] = -1.0  # every 8x8 block's mean is 0
+    base = torch.rand(2, 3, 16, 16)
+    rec, _, _ = loss.reconstruction(base, base + 0.1 * checker)
+    torch.testing.assert_close(rec, plain.reconstruction(base, base + 0.1 * checker)[0], atol=1e-5, rtol=0)
+    xrec = shifted.clone().requires_grad_(True)
+    loss.reconstruction(x, xrec)[0].sum().backward()
+    assert torch.isfinite(xrec.grad).all() and (xrec.grad > 1.0).all()  # the shift is pushed harder than by L1 alone

@@ -87,6 +87,10 @@ class LossConfig:
     adaptive_weight_max: float = num(1e4, gt=0.0)
     lecam_weight: float = num(0.0, ge=0.0)
     lecam_decay: float = num(0.99, gt=0.0, lt=1.0)
+    # the reconstruction term again on the pair's `lowpass_factor`-pixel block means, broadcast back
+    # to every pixel: a colour or brightness shift over a block weighs as much as a pixel error
+    lowpass_weight: float = num(0.0, ge=0.0)
+    lowpass_factor: int = num(8, ge=2)
     # Equivariance regulariser (EQ-VAE, arXiv 2502.09509): the probability, per generator step, of a
     # second decode of the latent sample after a random downscale (and rotation by k x 90°), held
     # to the same transform of the image by the reconstruction and LPIPS terms. 0 = off.

@@ -121,11 +121,21 @@ class VAEGANLoss(nn.Module):
         diff = x.float() - xrec.float()
         rec = diff.abs() if self.cfg.reconstruction == "l1" else diff.pow(2)
         pixel = rec.mean()
+        if self.cfg.lowpass_weight > 0:
+            rec = rec + self.cfg.lowpass_weight * self._lowpass(diff)
         if self.perceptual is not None and perceptual:
             p = self.perceptual(x.float(), xrec.float())  # (N, 1, 1, 1), differentiable w.r.t. xrec
             rec = rec + self.cfg.perceptual_weight * p
             return rec, pixel, p.mean()
         return rec, pixel, torch.zeros((), device=x.device)
+
+    def _lowpass(self, diff: torch.Tensor) -> torch.Tensor:
+        """The error of block means (`lowpass_factor` pixels, partial blocks at the far edges),
+        per pixel: the shifts of colour and level that per-pixel L1 on texture barely sees."""
+        f = self.cfg.lowpass_factor
+        means = F.avg_pool2d(diff, f, stride=f, ceil_mode=True)
+        err = means.abs() if self.cfg.reconstruction == "l1" else means.pow(2)
+        return F.interpolate(err, scale_factor=f, mode="nearest")[..., : diff.shape[-2], : diff.shape[-1]]
 
     def equivariance(
         self, target: torch.Tensor, decoded: torch.Tensor, plain_values: int, perceptual: bool = True

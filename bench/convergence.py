@@ -183,13 +183,11 @@ def run_one(
     return {"curve": curve.rows, "final": curve.rows[-1], "precision": precision}
 
 
-def same_base(params: dict[str, Any], base: dict[str, Any]) -> bool:
-    """Whether a cached run's params give the same configuration as `base`: a key added since (an
-    option off by default) leaves the runs before it valid; a key since removed does not."""
-    if params == base:
-        return True
+def same_base(params: dict[str, Any], base: Config) -> bool:
+    """Whether a cached run's params give the `base` configuration: a key added since (an option
+    off by default) leaves the runs before it valid; a key since removed does not."""
     try:
-        return config_from_dict(params) == config_from_dict(base)
+        return config_from_dict(params) == base
     except ConfigError:
         return False
 
@@ -289,7 +287,7 @@ def main() -> None:
             key["loader"] = args.loader  # runs cached before the loader fix have no key: legacy
             cached = (
                 all(r.get(k, "legacy" if k == "loader" else None) == v for k, v in key.items() if k != "params")
-                and same_base(r["params"], base)
+                and same_base(r["params"], cfg0)
                 for r in runs
             )
             if any(cached):
@@ -305,7 +303,7 @@ def main() -> None:
             with runs_file.open("a") as f:
                 f.write(json.dumps(runs[-1]) + "\n")
     baseline = score(lambda x: bicubic_roundtrip(x, 8, 4), eval_dir, lpips_net)
-    current = [r for r in runs if same_base(r["params"], base)]
+    current = [r for r in runs if same_base(r["params"], cfg0)]
     summary = summarize(current, baseline)
     plot(current, baseline, Path(args.plot))
     entry = {

@@ -117,8 +117,9 @@ class VAEGANModule(L.LightningModule):
         ae = self.autoencoder
         encoder_side = [*ae.encoder.parameters(), *(ae.quant_conv.parameters() if ae.quant_conv is not None else [])]
         ids = {id(p) for p in encoder_side}
-        encoder = [p for p in encoder_side if p.requires_grad]
-        rest = [p for p in self.generator_parameters() if id(p) not in ids]
+        params = self.generator_parameters()
+        encoder = [p for p in params if id(p) in ids]
+        rest = [p for p in params if id(p) not in ids]
         groups = [{"params": rest, "lr": t.lr}, {"params": encoder, "lr": t.lr * t.encoder_lr_scale}]
         return [g for g in groups if g["params"]]
 

@@ -7,6 +7,7 @@ import time
 
 import lightning as L
 import pytest
+import torch
 
 from sdvae.config import config_from_dict
 from sdvae.training.module import VAEGANModule, lr_lambda
@@ -124,6 +125,23 @@ def test_the_encoder_side_learns_at_its_own_rate(decoder_only):
     else:
         assert sorted(by_lr) == [pytest.approx(1e-3), pytest.approx(3e-3)]
         assert by_lr[max(by_lr)] == encoder and by_lr[min(by_lr)] == trainable - encoder
+
+
+def test_a_checkpoint_from_before_the_encoder_rate_option_resumes_into_the_default_optimizer():
+    """Checkpoints written before `train.encoder_lr_scale` hold one AdamW group over
+    `generator_parameters()`; at the default scale the optimizer keeps that layout and loads them."""
+    cfg = config_from_dict(
+        {"model": {"block_out_channels": [16, 32], "norm_num_groups": 8}, "train": {"resolution": 32, "max_steps": 4}}
+    )
+    from sdvae.models.factory import build_autoencoder
+
+    module = VAEGANModule(cfg, build_autoencoder(cfg.model, 32), None)
+    before = torch.optim.AdamW(module.generator_parameters(), lr=cfg.train.lr, betas=cfg.train.betas)
+    sum(p.float().pow(2).sum() for p in module.generator_parameters()).backward()
+    before.step()
+    (opt_g, _), _ = module.configure_optimizers()
+    opt_g.load_state_dict(before.state_dict())
+    assert len(opt_g.param_groups) == 1 and len(opt_g.state) == len(before.state) > 0
 
 
 class SlowWindows(L.Callback):

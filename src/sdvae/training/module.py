@@ -112,8 +112,12 @@ class VAEGANModule(L.LightningModule):
     def generator_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: the encoder side (encoder, quant conv) at `lr x train.encoder_lr_scale`,
         the rest at `lr`; only the encoder learns what latent each image gets, so it can be
-        given its own pace. Frozen parameters (decoder-only runs) are left out."""
+        given its own pace. Frozen parameters (decoder-only runs) are left out. At scale 1 it is one
+        group in `generator_parameters()` order: the layout of checkpoints written before the
+        option, so they resume."""
         t = self.cfg.train
+        if t.encoder_lr_scale == 1.0:
+            return [{"params": self.generator_parameters(), "lr": t.lr}]
         ae = self.autoencoder
         encoder_side = [*ae.encoder.parameters(), *(ae.quant_conv.parameters() if ae.quant_conv is not None else [])]
         ids = {id(p) for p in encoder_side}

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from results import store_entry
+from sdvae.training.timing_cache import machine_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = "import sdvae.scoring.run, sdvae.tracking, sdvae.formats, lightning"
@@ -49,7 +50,7 @@ def main() -> None:
     medians = {k: round(statistics.median(v), 2) for k, v in times.items()}
     entry = {
         "what": f"seconds to `{IMPORTS}` in a fresh process (median of {args.repeats}, interleaved)",
-        "cpu_threads": os.cpu_count(),
+        "machine": {k: machine_identity()[k] for k in ("cpu", "cpu_family_model")} | {"cpus": os.cpu_count()},
         "cached_s": medians["cached"],
         "from_source_s": medians["from_source"],
         "ratio_from_source_over_cached": round(medians["from_source"] / medians["cached"], 2),

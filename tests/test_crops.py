@@ -111,3 +111,53 @@ def test_smooth_crops_keep_the_colours_and_lose_the_detail(tmp_path, photos):
     shares = [float(high_frequency_share(c[None].float())) for c in (*plain, *mixed)]
     smoothest_plain = min(shares[:40])
     assert 8 <= sum(s < smoothest_plain for s in shares[40:]) <= 32  # about half, and only those
+
+
+def test_recoloured_crops_are_grey_or_reordered_and_keep_the_structure(tmp_path, photos):
+    """`data.recolor_share`: that share of crops comes back grey (luma in all three channels) or
+    with its RGB channels in another order; the rest, and every crop's shape, stay as they were."""
+    from sdvae.data.datamodule import recolored
+
+    crop = torch.from_numpy(np.ascontiguousarray(photos[0][:64, :64])).permute(2, 0, 1)
+    torch.manual_seed(0)
+    grey = reordered = 0
+    orders = set()
+    for _ in range(200):
+        out = recolored(crop)
+        assert out.shape == crop.shape and out.dtype == torch.uint8
+        if torch.equal(out[0], out[1]) and torch.equal(out[1], out[2]):
+            grey += 1
+            # ITU-R 601 luma, truncated to an integer (torchvision's rgb_to_grayscale)
+            luma = 0.2989 * crop[0].float() + 0.587 * crop[1].float() + 0.114 * crop[2].float()
+            gap = luma - out[0].float()
+            assert float(gap.min()) > -0.01 and float(gap.max()) < 1.01
+        else:
+            order = tuple(next(c for c in range(3) if torch.equal(out[i], crop[c])) for i in range(3))
+            assert order != (0, 1, 2)
+            orders.add(order)
+            reordered += 1
+    assert 30 <= grey <= 70  # a quarter of 200
+    assert len(orders) == 5  # every other order of the channels
+
+    raw = tmp_path / "raw" / "images"
+    raw.mkdir(parents=True)
+    for i, arr in enumerate(photos[:3]):
+        Image.fromarray(arr).save(raw / f"p{i}.jpg", quality=95)
+    prepare_split(tmp_path / "raw", tmp_path / "train", PrepareSpec("train", 32, 16, 10**8, max_short_side=192))
+
+    def reads(images: TrainImages) -> list[torch.Tensor]:
+        # one seed per read: scale, position and flip are drawn first, so each crop has a plain twin
+        crops = []
+        for i in range(60):
+            torch.manual_seed(i)
+            crops.append(images[i % 3])
+        return crops
+
+    plain = reads(TrainImages(tmp_path / "train", 32, (32, 192), shuffle=False))
+    mixed = reads(TrainImages(tmp_path / "train", 32, (32, 192), shuffle=False, recolor_share=0.5))
+    changed = [not torch.equal(a, b) for a, b in zip(plain, mixed, strict=True)]
+    same_pixels = [
+        torch.equal(a.sort(dim=0).values, b.sort(dim=0).values) or bool((b[0] == b[1]).all() and (b[1] == b[2]).all())
+        for a, b in zip(plain, mixed, strict=True)
+    ]
+    assert 15 <= sum(changed) <= 45 and all(same_pixels)

@@ -45,6 +45,7 @@ class DataConfig:
     samples_per_image: int = num(1, ge=1)  # cache entries per train image, i.e. crops per image per epoch
     train_short_side: tuple[int, int] = (96, 320)
     smooth_share: float = num(0.0, ge=0.0, le=1.0)  # train crops replaced by a detail-free version of themselves
+    recolor_share: float = num(0.0, ge=0.0, le=1.0)  # train crops made grey or with their RGB channels reordered
     max_short_side: int | None = num(None, ge=8)  # stored train images' short side; null = train_short_side max
     jpeg_quality: int = num(95, ge=50, le=100)  # for train images that must be re-encoded from JPEG
     chunk_mb: int = num(64, ge=1)  # litdata chunk size

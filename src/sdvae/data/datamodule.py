@@ -3,7 +3,8 @@
 Training images are decoded in the DataLoader workers and cropped fresh on every read: the
 short side is drawn from `data.train_short_side` (a JPEG is then decoded at the smallest DCT scale
 that reaches it), then a random `train.resolution` window and
-a random left-right flip, so no two epochs see the same crops. Eval images are stored already
+a random left-right flip, so no two epochs see the same crops (`data.smooth_share` and
+`data.recolor_share` swap a share of them for detail-free or recoloured versions). Eval images are stored already
 cropped and come back as they are. Batches travel as uint8 (4x less to copy) and become floats
 in [-1, 1] on the device in `on_after_batch_transfer`.
 
@@ -15,6 +16,7 @@ fresh one). A train cache prepared to `data.cache_uri` is streamed from there.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from sdvae.data.encoding import decode, decode_resized, stored_size
 from sdvae.data.images import resize_to, short_side_size
@@ -85,13 +88,14 @@ class TrainImages(StreamingDataset):
         return_ids: bool = False,
         stream_cache: str | None = None,
         smooth_share: float = 0.0,
+        recolor_share: float = 0.0,
     ) -> None:
         manifest = read_manifest(root)
         source = manifest.get("remote") or str(Path(root).resolve())  # data.cache_uri: streamed
         # stream_cache: where chunks of a remote cache land (None: litdata's default, ~/.lightning/chunks)
         super().__init__(source, shuffle=shuffle, drop_last=True, seed=seed, cache_dir=stream_cache)
         self.resolution, self.short_side, self.return_ids = resolution, short_side, return_ids
-        self.smooth_share = smooth_share
+        self.smooth_share, self.recolor_share = smooth_share, recolor_share
 
     def __getitem__(self, index: Any) -> torch.Tensor | tuple[torch.Tensor, str]:
         sample = super().__getitem__(index)
@@ -100,6 +104,8 @@ class TrainImages(StreamingDataset):
         out = out.flip(-1) if torch.rand(()) < 0.5 else out
         if self.smooth_share > 0 and torch.rand(()) < self.smooth_share:
             out = smoothed(out)
+        if self.recolor_share > 0 and torch.rand(()) < self.recolor_share:
+            out = recolored(out)
         # the sample's identity (file and copy), for checking epochs, resumes and DDP splits
         return (out, f"{sample['name']}#{sample['copy']}") if self.return_ids else out
 
@@ -115,6 +121,21 @@ def smoothed(crop: torch.Tensor) -> torch.Tensor:
         resize(crop[None], (small, small)), size=tuple(crop.shape[-2:]), mode="bicubic", align_corners=False
     )
     return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def recolored(crop: torch.Tensor) -> torch.Tensor:
+    """The crop in grey (its luma in all three channels; a quarter of the draws) or with its RGB
+    channels in one of the five other orders. Thirty-two photos show few colours; the unseen
+    photos the default lost on are a grey pier that came back tinted and skies that came back
+    the wrong blue. Both keep the crop's structure and luminance range, so the encoder learns
+    colour as a property of its own rather than of the photos it saw."""
+    if torch.rand(()) < 0.25:
+        return rgb_to_grayscale(crop, num_output_channels=3)
+    order = _OTHER_ORDERS[int(torch.randint(len(_OTHER_ORDERS), ()))]
+    return crop[list(order)]
+
+
+_OTHER_ORDERS = tuple(p for p in itertools.permutations(range(3)) if p != (0, 1, 2))
 
 
 class EvalImages(StreamingDataset):
@@ -154,9 +175,10 @@ class ImageDataModule(L.LightningDataModule):
         val_images: int = 16,
         seed: int = 0,
         smooth_share: float = 0.0,
+        recolor_share: float = 0.0,
     ) -> None:
         super().__init__()
-        self.smooth_share = smooth_share
+        self.smooth_share, self.recolor_share = smooth_share, recolor_share
         self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resolution, self.short_side, self.seed = resolution, short_side, seed
@@ -172,7 +194,12 @@ class ImageDataModule(L.LightningDataModule):
                 "lower train.batch_size, raise data.samples_per_image or add data"
             )
         self.train_set = TrainImages(
-            self.train_dir, self.resolution, self.short_side, self.seed, smooth_share=self.smooth_share
+            self.train_dir,
+            self.resolution,
+            self.short_side,
+            self.seed,
+            smooth_share=self.smooth_share,
+            recolor_share=self.recolor_share,
         )
         val = EvalImages(self.val_dir)
         self.val_set = Subset(val, range(min(self.val_images, val.manifest["count"])))

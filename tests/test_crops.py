@@ -66,12 +66,17 @@ def test_every_drawn_scale_equals_the_full_resolution_decode_resized(photos, wid
                 assert np.array_equal(crop, reference), (width, height, short)
 
 
-def test_crops_are_deterministic_per_seed_and_keep_their_distribution(tmp_path, photos):
+def _prepare_three_photos(tmp_path, photos) -> None:
+    """A train cache of three photos (stored short side 192) at tmp_path/train."""
     raw = tmp_path / "raw" / "images"
     raw.mkdir(parents=True)
     for i, arr in enumerate(photos[:3]):
         Image.fromarray(arr).save(raw / f"p{i}.jpg", quality=95)
     prepare_split(tmp_path / "raw", tmp_path / "train", PrepareSpec("train", 32, 16, 10**8, max_short_side=192))
+
+
+def test_crops_are_deterministic_per_seed_and_keep_their_distribution(tmp_path, photos):
+    _prepare_three_photos(tmp_path, photos)
 
     def crops(seed: int) -> list[torch.Tensor]:
         torch.manual_seed(seed)
@@ -98,11 +103,7 @@ def test_smooth_crops_keep_the_colours_and_lose_the_detail(tmp_path, photos):
     assert torch.allclose(smooth.float().mean(dim=(1, 2)), crop.float().mean(dim=(1, 2)), atol=2.0)
     assert float(high_frequency_share(smooth[None].float())) < 0.3 * float(high_frequency_share(crop[None].float()))
 
-    raw = tmp_path / "raw" / "images"
-    raw.mkdir(parents=True)
-    for i, arr in enumerate(photos[:3]):
-        Image.fromarray(arr).save(raw / f"p{i}.jpg", quality=95)
-    prepare_split(tmp_path / "raw", tmp_path / "train", PrepareSpec("train", 32, 16, 10**8, max_short_side=192))
+    _prepare_three_photos(tmp_path, photos)
     torch.manual_seed(0)
     plain = [TrainImages(tmp_path / "train", 32, (32, 192), shuffle=False)[i % 3] for i in range(40)]
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def test_recoloured_crops_are_grey_or_reordered_and_keep_the_structure(tmp_path,
 
     crop = torch.from_numpy(np.ascontiguousarray(photos[0][:64, :64])).permute(2, 0, 1)
     torch.manual_seed(0)
-    grey = reordered = 0
+    grey = 0
     orders = set()
     for _ in range(200):
         out = recolored(crop)
@@ -135,15 +136,10 @@ def test_recoloured_crops_are_grey_or_reordered_and_keep_the_structure(tmp_path,
             order = tuple(next(c for c in range(3) if torch.equal(out[i], crop[c])) for i in range(3))
             assert order != (0, 1, 2)
             orders.add(order)
-            reordered += 1
     assert 30 <= grey <= 70  # a quarter of 200
     assert len(orders) == 5  # every other order of the channels
 
-    raw = tmp_path / "raw" / "images"
-    raw.mkdir(parents=True)
-    for i, arr in enumerate(photos[:3]):
-        Image.fromarray(arr).save(raw / f"p{i}.jpg", quality=95)
-    prepare_split(tmp_path / "raw", tmp_path / "train", PrepareSpec("train", 32, 16, 10**8, max_short_side=192))
+    _prepare_three_photos(tmp_path, photos)
 
     def reads(images: TrainImages) -> list[torch.Tensor]:
         # one seed per read: scale, position and flip are drawn first, so each crop has a plain twin

@@ -2,10 +2,10 @@
 
 Training images are decoded in the DataLoader workers and cropped fresh on every read: the
 short side is drawn from `data.train_short_side` (a JPEG is then decoded at the smallest DCT scale
-that reaches it), then a random `train.resolution` window and
-a random left-right flip, so no two epochs see the same crops (`data.smooth_share` and
-`data.recolor_share` swap a share of them for detail-free or recoloured versions). Eval images are stored already
-cropped and come back as they are. Batches travel as uint8 (4x less to copy) and become floats
+that reaches it), then a random `train.resolution` window and a random left-right flip, so no
+two epochs see the same crops (`data.smooth_share` and `data.recolor_share` swap a share of them
+for detail-free or recoloured versions). Eval images are stored already cropped and come back as
+they are. Batches travel as uint8 (4x less to copy) and become floats
 in [-1, 1] on the device in `on_after_batch_transfer`.
 
 Under DDP `StreamingDataset` gives every rank a distinct part of each epoch. Lightning saves
@@ -123,19 +123,19 @@ def smoothed(crop: torch.Tensor) -> torch.Tensor:
     return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
+_OTHER_ORDERS = tuple(p for p in itertools.permutations(range(3)) if p != (0, 1, 2))  # RGB excluded
+
+
 def recolored(crop: torch.Tensor) -> torch.Tensor:
     """The crop in grey (its luma in all three channels; a quarter of the draws) or with its RGB
     channels in one of the five other orders. Thirty-two photos show few colours; the unseen
     photos the default lost on are a grey pier that came back tinted and skies that came back
-    the wrong blue. Both keep the crop's structure and luminance range, so the encoder learns
-    colour as a property of its own rather than of the photos it saw."""
+    the wrong blue. Both keep the crop's structure and luminance range, to teach colour apart
+    from the photos it came with (over three seeds: within the spread, README; off by default)."""
     if torch.rand(()) < 0.25:
         return rgb_to_grayscale(crop, num_output_channels=3)
     order = _OTHER_ORDERS[int(torch.randint(len(_OTHER_ORDERS), ()))]
     return crop[list(order)]
-
-
-_OTHER_ORDERS = tuple(p for p in itertools.permutations(range(3)) if p != (0, 1, 2))
 
 
 class EvalImages(StreamingDataset):

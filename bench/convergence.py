@@ -94,6 +94,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # half the squared error is a shift of mean colour: weigh block-mean errors as pixel errors
     "lowpass_1": {"loss.lowpass_weight": 1.0},
     "lowpass_4": {"loss.lowpass_weight": 4.0},
+    # structural levers (issue: the error floor on smooth photos). The decoder amplifies the
+    # encoder's small misses: train it on latents perturbed around the encoder's aim
+    "latent_noise_0.25": {"loss.latent_noise": 0.25},
+    "latent_noise_0.5": {"loss.latent_noise": 0.5},
 }
 
 

@@ -100,10 +100,13 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     signal.signal(signal.SIGALRM, _alarm)
     start = time.perf_counter()
     wanted = set(args.phases.split(",")) if args.phases else {n for n, _ in PHASES}
+    wanted.add("environment")  # every run records its machine
+    # a subset shares the whole budget: a phase run alone gets all of it, not its share of five
+    total_share = sum(share for name, share in PHASES if name in wanted)
     for name, share in PHASES:
-        if name not in wanted and name != "environment":  # every run records its machine
+        if name not in wanted:
             continue
-        cap = max(5, int(args.budget_s * share))
+        cap = max(5, int(args.budget_s * share / total_share))
         left = args.budget_s - (time.perf_counter() - start)
         if left < 5:
             report.phase(name)
@@ -131,6 +134,17 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return report.data
 
 
+def combined(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several calls' results as one: each phase from the last call where it finished `ok`, else
+    from the last call that ran it (a second call with `--phases` completes a first)."""
+    phases: dict[str, Any] = {}
+    for result in results:
+        for name, phase in result["phases"].items():
+            if phase.get("status") == "ok" or phases.get(name, {}).get("status") != "ok":
+                phases[name] = {**phase, "command": result.get("command")}
+    return {**results[-1], "phases": phases}
+
+
 def bench_rows(result: dict[str, Any]) -> dict[str, Any]:
     """The `gpu` rows of metrics/bench.json: measured figures only, with the device's name."""
     phases = result["phases"]
@@ -154,14 +168,17 @@ def main() -> None:
     parser.add_argument("--bundle", default=str(ROOT / ".gpu"), help="bench/gpu_wheels.sh's folder")
     parser.add_argument("--phases", help="comma-separated subset, e.g. step,trainer (a second call)")
     parser.add_argument("--write-bench", action="store_true", help="also write the gpu rows of metrics/bench.json")
-    parser.add_argument("--merge", help="write the gpu rows of metrics/bench.json from a gpu_check.json")
+    parser.add_argument(
+        "--merge", nargs="+", help="write the gpu rows of metrics/bench.json from one or more calls' gpu_check.json"
+    )
     parser.add_argument("--bench-json", default=str(ROOT / "metrics/bench.json"))
     args = parser.parse_args()
     if args.merge:
-        result = json.loads(Path(args.merge).read_text())
-        if result.get("smoke") or not str(result.get("device", "")).startswith("cuda"):
-            sys.exit(f"{args.merge}: a smoke or CPU run; only a full GPU run goes into the gpu rows")
-        store_entry(args.bench_json, "gpu", bench_rows(result))
+        results = [json.loads(Path(f).read_text()) for f in args.merge]
+        for f, result in zip(args.merge, results, strict=True):
+            if result.get("smoke") or not str(result.get("device", "")).startswith("cuda"):
+                sys.exit(f"{f}: a smoke or CPU run; only a full GPU run goes into the gpu rows")
+        store_entry(args.bench_json, "gpu", bench_rows(combined(results)))
         return
     if not args.out:
         parser.error("--out is required (or --merge)")

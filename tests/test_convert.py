@@ -160,3 +160,27 @@ def test_a_diffusers_dit_pipeline_runs_on_our_export_unchanged(tmp_path):
         assert out.images.shape == (2, 3, side, side) and torch.isfinite(out.images).all()
     assert json.loads((tmp_path / "vae/config.json").read_text())["scaling_factor"] == 0.37
     torch.testing.assert_close(seen["ours"], seen["unit"] / 0.37, rtol=1e-6, atol=0)
+
+
+def test_a_foreign_16_channel_file_without_preset_is_refused_not_given_sds_factors(tmp_path, capsys):
+    """Before, BFL's ae.safetensors converted without --preset shipped scaling_factor 0.18215 and
+    no shift. SD3 and FLUX files share the layout, so the refusal names both; with --preset it converts."""
+    save_ldm(stand_in("flux-f8c16", groups=32), tmp_path / "ae.safetensors")
+    save_file(load_file(str(tmp_path / "ae.safetensors")), str(tmp_path / "ae.safetensors"))  # no header
+    assert main(["convert", str(tmp_path / "ae.safetensors"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --preset" in err and "sd3-f8c16 or flux-f8c16" in err and not (tmp_path / "out").exists()
+    convert(tmp_path / "ae.safetensors", tmp_path / "out", preset="flux-f8c16")
+    c = load_any(tmp_path / "out").config
+    assert (c.scaling_factor, c.shift_factor) == (0.3611, 0.1159)
+
+
+def test_loading_our_single_file_with_other_groups_keeps_its_stored_statistics(tmp_path):
+    from sdvae.formats.ldm import load_ldm
+
+    model = stand_in("sdxl-f8c4")
+    model.config = model.config.replace(latents_mean=(0.1, 0.2, 0.3, 0.4), latents_std=(1.0, 2.0, 3.0, 4.0))
+    save_ldm(model, tmp_path / "vae.safetensors")
+    got = load_ldm(tmp_path / "vae.safetensors", norm_num_groups=8).config
+    assert got.latents_mean == model.config.latents_mean and got.latents_std == model.config.latents_std
+    assert got.force_upcast is True and got.sample_size == model.config.sample_size

@@ -357,3 +357,53 @@ def test_a_sixteen_channel_model_and_its_decoder_only_fine_tune_through_the_pipe
         assert f"unchanged from the model training started from ({init})" in (repo / "models/vae/README.md").read_text()
     finally:
         (repo / "params.yaml").write_text(original)
+
+
+def test_a_killed_auto_precision_run_resumes_with_its_own_decisions_after_the_timing_changed(project, monkeypatch):
+    """`train.precision: auto` decides bf16 (this machine's planted timing: 2x faster), the stage is
+    killed with SIGKILL mid-run, then the timing cache is deleted and oneDNN is capped at AVX2
+    (another machine identity, where a fresh timing would be taken). `dvc repro` resumes from the
+    checkpoint in bf16, times nothing, and sets nothing aside. Before, the resolved precision was in
+    the run's fingerprint: a flipped timing made the run stale and its checkpoints were removed."""
+    import signal
+
+    from sdvae.config import load_config
+    from sdvae.models.factory import build_autoencoder
+    from sdvae.training import measured
+    from sdvae.training.timing_cache import locked_entry
+
+    base, repo, env = project
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"].update({"precision": "auto", "max_steps": 400, "checkpoint_every": 2, "val_every": 1000})
+    cache = base / "timings.json"
+    env = {**env, "SDVAE_TIMING_CACHE": str(cache)}
+    monkeypatch.setenv("SDVAE_TIMING_CACHE", str(cache))  # the key and the entry, as the stage computes them
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        cfg = load_config(repo / "params.yaml")
+        key = measured._cache_key(cfg, build_autoencoder(cfg.model, cfg.train.resolution))
+        phases = {"perceptual": 0.02, "gan": 0.03}
+        with locked_entry(key) as entry:
+            entry["step_s"] = {"32": phases, "bf16-mixed": {k: v / 2 for k, v in phases.items()}}
+        proc = subprocess.Popen(
+            ["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        ckpt = repo / "checkpoints" / "last.ckpt.sha256.json"
+        deadline = time.monotonic() + 600
+        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        record = json.loads((repo / "checkpoints" / "run.json").read_text())
+        assert record["precision"] == "bf16-mixed"
+        cache.unlink()
+        capped = {**env, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        _run(["dvc", "repro", "train"], repo, capped)
+        run = json.loads((repo / "models/train/run.json").read_text())
+        assert run["resumed"] and run["precision"] == "bf16-mixed" and run["windows"] == 400
+        assert "precision_timing" not in run and not cache.exists()  # nothing was timed
+        assert not (repo / "checkpoints" / "stale").exists()
+    finally:
+        (repo / "params.yaml").write_text(original)

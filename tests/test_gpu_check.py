@@ -91,3 +91,49 @@ def test_only_a_full_gpu_run_is_merged_into_the_bench_rows(tmp_path):
     assert rows["cpu"] == {"kept": 1}
     assert rows["gpu"]["machine"]["device_name"] == "NVIDIA H200"
     assert rows["gpu"]["matmul"]["measured_tflops"] == 700.0
+
+
+def test_a_phase_run_alone_gets_the_whole_budget(tmp_path, monkeypatch):
+    """`--phases correctness` once capped correctness at its 15% share of the budget (32 s of
+    215 on an H200, stopped inside a compile): a subset now shares the whole budget."""
+    import gpu_check
+    import gpu_phases
+
+    monkeypatch.setattr(gpu_phases, "environment", lambda ctx, record, deadline: None)
+    monkeypatch.setattr(gpu_phases, "correctness", lambda ctx, record, deadline: None)
+    args = argparse.Namespace(device="cpu", smoke=True, bundle=str(tmp_path), budget_s=200.0, phases="correctness")
+    phases = gpu_check.run_phases(args, tmp_path)["phases"]
+    shares = dict(gpu_check.PHASES)
+    expected = int(200 * shares["correctness"] / (shares["correctness"] + shares["environment"]))
+    assert phases["correctness"]["cap_s"] == expected > 150
+    assert set(phases) == {"environment", "correctness"}
+
+
+def test_merge_takes_each_phase_from_the_call_where_it_finished(tmp_path):
+    first = {
+        "smoke": False,
+        "device": "cuda",
+        "command": "first",
+        "phases": {
+            "environment": {"status": "ok", "machine": {"device_name": "NVIDIA H200"}},
+            "step": {"status": "timeout", "partial": 1},
+            "trainer": {"status": "ok", "images_per_s": 90.0},
+        },
+    }
+    second = {
+        "smoke": False,
+        "device": "cuda",
+        "command": "second --phases step",
+        "phases": {"environment": {"status": "ok"}, "step": {"status": "ok", "full": 2}},
+    }
+    files = []
+    for i, result in enumerate((first, second)):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(result))
+    bench = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench/gpu_check.py", "--merge", *map(str, files), "--bench-json", str(bench)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    rows = json.loads(bench.read_text())["gpu"]
+    assert rows["step"]["full"] == 2 and "partial" not in rows["step"]
+    assert rows["step"]["command"] == "second --phases step"
+    assert rows["trainer"]["images_per_s"] == 90.0 and rows["trainer"]["command"] == "first"

@@ -167,3 +167,27 @@ def test_the_lowpass_term_weighs_a_colour_shift_and_not_texture():
     xrec = shifted.clone().requires_grad_(True)
     loss.reconstruction(x, xrec)[0].sum().backward()
     assert torch.isfinite(xrec.grad).all() and (xrec.grad > 1.0).all()  # the shift is pushed harder than by L1 alone
+
+
+def test_a_checkpoint_from_before_lecam_debiasing_resumes_with_its_anchors_as_they_were():
+    """Its anchors are plain EMAs already. The missing update count used to default to 0, so the
+    first window divided them by 1 - 0.99: anchors 100x too large."""
+    from sdvae.config import config_from_dict
+    from sdvae.models.factory import build_autoencoder
+    from sdvae.training.module import VAEGANModule
+
+    cfg = config_from_dict({"loss": {"lecam_weight": 0.1, "lecam_decay": 0.99, "disc_start": 0}})
+    module = VAEGANModule(cfg, build_autoencoder(cfg.model, 64), None)
+    state = {k: v.clone() for k, v in module.state_dict().items() if k != "loss.ema_updates"}
+    state["loss.ema_real"], state["loss.ema_fake"] = torch.tensor(0.5), torch.tensor(-0.5)
+    checkpoint = {
+        "state_dict": state,
+        "sdvae_counters": dict.fromkeys(("windows", "g_steps", "d_steps", "bad_steps", "micro"), 0),
+    }
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    real, fake = torch.full((2, 1, 4, 4), 0.5), torch.full((2, 1, 4, 4), -0.5)
+    _, logs = module.loss.discriminator(real, fake)
+    # anchors stay 0.5 / -0.5 (one more EMA update of the same values): (0.5 + 0.5)^2 twice; with the
+    # anchors 100x too large (-50 / 50) it came to 50.5^2 twice, about 5,100
+    assert float(logs["lecam_reg"]) == pytest.approx(2.0, rel=1e-4)

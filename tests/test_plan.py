@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -215,5 +216,106 @@ def test_the_same_machine_plans_the_same_run_and_a_resume_keeps_it(
     resumed = train(cfg, paths)  # the finished run, again: its checkpoint's plan
     assert resumed["resumed"] and resumed["plan"] == first["plan"] and resumed["windows"] == first["windows"]
     cfg2, paths2 = make(caches, tmp_path / "b", loss={"disc_start": 30}, train={**BUDGETED, "time_budget_s": 5.0})
+    # the check of a cached calibration against the run's own windows re-plans beyond 1.5x, which a
+    # machine busy with other work can reach between two runs (tested on its own: test_a_cached_calibration...)
+    import sdvae.training.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "CALIBRATION_TOLERANCE", 1e9)
     again = train(cfg2, paths2)  # a new run on this machine: planned from the cache, before any window
     assert not again["resumed"] and again["plan"] == first["plan"]
+
+
+def test_a_100_window_plan_scales_the_warmup_and_the_cosine_still_decays():
+    """The warm-up was the one step-valued param the plan left as written: a 100-window plan of a
+    run written for 1,600 spent its first 50 windows warming up."""
+    from sdvae.training.plan import scaled_plan
+
+    cfg = _cfg(warmup_steps=50, plan_steps=1600, lr_schedule="cosine")
+    plan = scaled_plan(cfg, 100)
+    assert plan.warmup == 3  # 50 x 100 / 1600, rounded
+    fn = lr_lambda("cosine", lambda: plan.warmup, lambda: plan.windows)
+    lrs = [fn(i) for i in range(100)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lrs[50] == pytest.approx(0.5, abs=0.03) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))  # decays from the warm-up's end
+    tiny = scaled_plan(_cfg(warmup_steps=50, plan_steps=40), 12)  # scaled past the run: capped at a quarter
+    assert tiny.warmup == 3
+    assert scaled_plan(_cfg(warmup_steps=1, plan_steps=1600), 100).warmup == 1  # a warm-up never vanishes
+
+
+class _Strategy:
+    def broadcast(self, obj, src=0):
+        return obj
+
+
+class _Trainer:
+    is_global_zero = True
+    strategy = _Strategy()
+    val_check_batch = 1
+
+
+class _Module:
+    def __init__(self, cfg, plan):
+        self.cfg, self.plan, self.windows, self.micro, self.window_done = cfg, plan, 0, 0, True
+
+    @property
+    def phase(self):
+        return "gan" if self.windows >= self.plan.disc_start else "perceptual"
+
+
+def _drive(planner, module, seconds_per_window, windows, monkeypatch):
+    """Run `windows` windows of `seconds_per_window` on a fake clock through the planner's hooks."""
+    import sdvae.training.plan as plan_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(plan_mod.time, "perf_counter", lambda: clock["t"])
+    trainer = _Trainer()
+    planner.on_train_start(trainer, module)
+    for _ in range(windows):
+        planner.on_train_batch_start(trainer, module)
+        clock["t"] += seconds_per_window
+        module.windows += 1
+        planner.on_train_batch_end(trainer, module)
+
+
+def test_alternate_gan_windows_are_timed_as_they_run_and_the_plan_fits_the_budget(tmp_path, monkeypatch):
+    """Under `alternate` a GAN window trains one network: the plan's shares count it as half a timed
+    G+D step, and so must the calibration. Before, calibration added the whole step per window,
+    halving the calibration and planning 2x the windows the budget holds."""
+    from sdvae.training.plan import BudgetPlanner, initial_plan
+
+    monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / "timings.json"))
+    cfg = _cfg(gan_schedule="alternate", time_budget_s=100.0)
+    cfg = config_from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"], "disc_start": 0, "perceptual_start": 0}})
+    step_s = {"perceptual": 0.1, "gan": 0.2}
+    planner = BudgetPlanner(step_s, "key", "32", None)
+    module = _Module(cfg, initial_plan(cfg))
+    _drive(planner, module, 0.1, 20, monkeypatch)  # each alternate window: half the G+D step
+    plan = module.plan
+    assert plan.final and plan.calibration == pytest.approx(1.0)
+    assert 900 <= plan.windows <= 1000  # 0.1 s windows in a 100 s budget (the old calibration planned ~2,000)
+
+
+@pytest.mark.parametrize(("cached", "replanned"), [(1.2, False), (3.0, True), (0.5, True)])
+def test_a_cached_calibration_is_checked_against_the_runs_own_windows(cached, replanned, tmp_path, monkeypatch):
+    """A calibration taken on a busy machine was kept forever. Now the run times its own windows
+    5-20 anyway; beyond CALIBRATION_TOLERANCE (1.5x) it re-plans and the cache keeps the new figure
+    with when and how it was taken; within it the plan made at the start stands."""
+    from sdvae.training.plan import BudgetPlanner, initial_plan
+    from sdvae.training.timing_cache import read_entry
+
+    monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / "timings.json"))
+    cfg = _cfg(time_budget_s=100.0)
+    step_s = {"pixel": 0.1, "perceptual": 0.1, "gan": 0.1}
+    planner = BudgetPlanner(step_s, "key", "32", cached)
+    module = _Module(cfg, initial_plan(cfg))
+    _drive(planner, module, 0.1, 20, monkeypatch)  # the run's own calibration: 1.0
+    assert module.plan.calibration == pytest.approx(1.0 if replanned else cached)
+    entry = read_entry("key")
+    if replanned:
+        assert planner.replanned == {"cached": cached, "measured": 1.0}
+        assert entry["calibration"]["32"] == pytest.approx(1.0)
+        record = entry["calibration_record"]["32"]
+        assert record["replaced"] == cached and "measured_at" in record and "windows 5-20" in record["how"]
+    else:
+        assert planner.replanned is None and entry == {}

@@ -123,11 +123,20 @@ def test_validation_scores_the_weights_export_ships():
         assert (module.eval_autoencoder() is module.autoencoder) == (not use_ema)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_both_ddp_launchers_allow_the_idle_network_no_gradient(strategy):
+def test_ddp_allows_the_idle_network_no_gradient():
     from sdvae.training.trainer import build_trainer
 
-    cfg = config_from_dict({"train": {"strategy": strategy, "accelerator": "cpu", "devices": 2, "max_steps": 1}})
+    cfg = config_from_dict({"train": {"strategy": "ddp", "accelerator": "cpu", "devices": 2, "max_steps": 1}})
     trainer = build_trainer(cfg, None, [])
     assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
-    assert trainer.strategy._start_method == ("spawn" if strategy == "ddp_spawn" else "popen")
+    assert trainer.strategy._start_method == "popen"
+
+
+@pytest.mark.parametrize(("strategy", "reason"), [("ddp_spawn", "hands back only the weights"), ("fsdp", "shards")])
+def test_strategies_training_cannot_keep_whole_are_refused_with_the_reason(strategy, reason):
+    """ddp_spawn's parent kept 0 windows and empty metrics; FSDP shards what clipping, EMA and the
+    adaptive weight's hook need whole. Both were accepted before."""
+    from sdvae.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"train.strategy: {strategy} is not supported: .*{reason}.*use ddp"):
+        config_from_dict({"train": {"strategy": strategy}})

@@ -172,7 +172,8 @@ def test_accumulation_equals_large_batch(caches, tmp_path, monkeypatch):
 
 def test_auto_precision_follows_the_timed_step_and_records_it(caches, tmp_path, monkeypatch):
     """`auto` takes what the timed step says (planted here: bf16 2x faster on this CPU, 0.7x on
-    another), records both timings, resumes on the same machine and starts afresh on another."""
+    another) and records both timings; new runs on the same machine read the cache, on another
+    they time afresh (resumes: tests/test_run_decisions.py)."""
     import mlflow
 
     from sdvae.training import measured, timing_cache
@@ -200,13 +201,17 @@ def test_auto_precision_follows_the_timed_step_and_records_it(caches, tmp_path, 
     assert run.data.params["train.precision"] == "bf16-mixed"
     assert run.data.metrics["precision/window_s_32"] == pytest.approx(0.5 * 0.2 + 0.5 * 0.3)
     assert run.data.metrics["precision/window_s_bf16-mixed"] == pytest.approx(0.125)
-    again = train(cfg, paths)
-    assert again["resumed"] and again["precision_timing"]["from_cache"] and len(timed) == 1  # not re-timed
+    again = train(cfg, paths)  # resumed: the run's record decides, nothing is timed
+    assert again["resumed"] and again["precision"] == "bf16-mixed" and len(timed) == 1
+    cfg_b, paths_b = make(caches, tmp_path / "b", loss={"disc_start": 2}, train=train_params)
+    other = train(cfg_b, paths_b)  # a new run on this machine: the cached timing decides
+    assert other["precision_timing"]["from_cache"] and other["precision"] == "bf16-mixed" and len(timed) == 1
     real = timing_cache._cpuinfo_fields
     monkeypatch.setattr(timing_cache, "_cpuinfo_fields", lambda: {**real(), "model name": "Another CPU"})
     speedup["value"] = 0.7
-    other = train(cfg, paths)  # another CPU: timed afresh, fp32, and the bf16 checkpoint is not resumed
-    assert other["precision"] == "32" and not other["resumed"] and other["windows"] == 4 and len(timed) == 2
+    cfg_c, paths_c = make(caches, tmp_path / "c", loss={"disc_start": 2}, train=train_params)
+    third = train(cfg_c, paths_c)  # a new run on another CPU: timed afresh, fp32
+    assert third["precision"] == "32" and third["windows"] == 4 and len(timed) == 2
 
 
 def test_nan_steps_are_skipped_and_counted(caches, tmp_path, monkeypatch):

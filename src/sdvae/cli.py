@@ -7,6 +7,7 @@ import json
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sdvae.config import ConfigError, load_config
 
@@ -25,8 +26,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sdvae.models.factory import architecture, build_autoencoder
-    from sdvae.training.measured import cached_decision
+    from sdvae.models.factory import architecture
+    from sdvae.training.measured import cached_decision, forget_timings
+    from sdvae.training.starting import starting_autoencoder
 
     versions = {}
     for dist in (
@@ -58,11 +60,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         cfg = load_config(args.params)
         arch = architecture(cfg.model, cfg.train.resolution)
         info["config"] = cfg.to_dict()
-        info["measured_here"] = (
-            cached_decision(cfg, build_autoencoder(cfg.model, cfg.train.resolution))
-            if cfg.train.init_from is None
-            else "timed at the start of training (the architecture comes from train.init_from)"
-        )
+        if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
+            info["measured_here"] = f"train.init_from {cfg.train.init_from} not found: nothing to look up"
+        else:
+            autoencoder = starting_autoencoder(cfg)  # the architecture training times
+            if args.retime:
+                forgot = forget_timings(cfg, autoencoder)
+                info["retimed"] = "timings dropped: the next run measures afresh" if forgot else "nothing cached"
+            info["measured_here"] = cached_decision(cfg, autoencoder)
         info["architecture"] = {**arch.__dict__, "downsample_factor": arch.downsample_factor}
     except ConfigError as exc:
         print(f"sdvae: invalid params: {exc}", file=sys.stderr)
@@ -103,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="also a VAE's factors and an fp16 decode check (folder or single file)")
     p.add_argument("--image", help="the image for the fp16 check (default: scikit-image's astronaut)")
     p.add_argument("--resolution", type=int, default=256, help="its side for the fp16 check")
+    p.add_argument(
+        "--retime",
+        action="store_true",
+        help="forget this machine's step timings and calibration for these params: the next run measures afresh "
+        "(runs already started keep the decisions in their checkpoints)",
+    )
     p.set_defaults(func=cmd_info)
     from sdvae import cli_convert, cli_evaluate, cli_images
 

@@ -99,6 +99,9 @@ class LossConfig:
     equivariance_weight: float = num(1.0, ge=0.0)  # times the plain reconstruction's per-pixel weight
     equivariance_scale: tuple[float, float] = (0.25, 0.96875)  # latent scale drawn from [min, max]
     equivariance_rotate: bool = True
+    # Decoder robustness (training/latent_noise.py): the decoded latent gets Gaussian noise of a
+    # per-sample scale drawn from [0, latent_noise] latent stds. 0 = off.
+    latent_noise: float = num(0.0, ge=0.0, le=4.0)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class TrainConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int = num(1, ge=1)  # per node
     num_nodes: int = num(1, ge=1)  # machines in the job (torchrun / SLURM / MASTER_ADDR + NODE_RANK)
-    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    strategy: Literal["auto", "ddp"] = "auto"  # ddp_spawn and fsdp are refused with the reason (UNSUPPORTED)
     num_workers: int = num(0, ge=0)
     val_images: int = num(16, ge=1)
     seed: int = num(0, ge=0)
@@ -361,6 +364,23 @@ def _check_sources(data: DataConfig) -> None:
 REMOTE_CACHE_SCHEMES = ("s3://", "gs://", "azure://", "r2://")  # object stores litdata streams from
 
 
+# Values Lightning accepts that training refuses, with the reason (a plain "expected one of" would
+# leave the user guessing why a standard strategy is missing).
+UNSUPPORTED = {
+    ("train", "strategy", "ddp_spawn"): "its launcher hands back only the weights, so the run's windows, history "
+    "and plan stay at their initial values in the parent (run.json would report 0 windows, the metrics would be "
+    "empty); use ddp, which launches the same processes and keeps them",
+    ("train", "strategy", "fsdp"): "gradient clipping, the EMA copy and the last-layer hook of the adaptive GAN "
+    "weight act on whole parameters, which FSDP shards; use ddp (gradient checkpointing lowers memory)",
+}
+
+
+def _check_unsupported(data: dict[str, Any]) -> None:
+    for (section, key, value), why in UNSUPPORTED.items():
+        if isinstance(data.get(section), dict) and data[section].get(key) == value:
+            raise ConfigError(f"{section}.{key}: {value} is not supported: {why}")
+
+
 def _check_config(cfg: Config) -> None:
     """Constraints across sections."""
     _check_sources(cfg.data)
@@ -395,6 +415,7 @@ def _check_config(cfg: Config) -> None:
 
 def config_from_dict(data: dict[str, Any] | None) -> Config:
     """Validate a params mapping into a `Config`."""
+    _check_unsupported(data or {})
     cfg = _build(Config, data or {}, "")
     _check_config(cfg)
     return cfg

@@ -84,7 +84,28 @@ def load_source(src: Path, preset: str | None) -> AutoencoderKL:
         raise ConversionError(f"--preset: {src} carries its own config (factors included); leave --preset out")
     if preset is not None:
         model = family_factors(model, preset, src)
+    elif not own_config:
+        _refuse_unknown_family(model, src)
     return model
+
+
+DEFAULT_FAMILY = "sd-f8c4"  # what a foreign file without --preset is taken for (its config's defaults)
+
+
+def _refuse_unknown_family(model: AutoencoderKL, src: Path) -> None:
+    """A foreign file of another layout than SD's would silently get SD's factors (0.18215, no
+    shift): a FLUX or SD3 ae.safetensors needs its own, and both look alike (16 channels, no quant
+    convs), so the user names the family."""
+    sd = PRESETS[DEFAULT_FAMILY]
+    if all(getattr(sd, k) == getattr(model.config, k) for k in FAMILY_LAYOUT):
+        return
+    layout = {k: getattr(model.config, k) for k in FAMILY_LAYOUT}
+    candidates = [n for n, p in PRESETS.items() if all(getattr(p, k) == v for k, v in layout.items())]
+    found = ", ".join(f"{k}={v}" for k, v in layout.items())
+    raise ConversionError(
+        f"{src} carries no scaling/shift factors and is not of SD's layout ({found}): pass --preset "
+        f"with its family ({' or '.join(candidates) or 'none of the presets matches'}), which decides its factors"
+    )
 
 
 def convert(

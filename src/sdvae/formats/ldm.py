@@ -198,8 +198,9 @@ def _stored_config(path: Path) -> tuple[dict[str, object], AutoencoderKLConfig |
 def load_ldm(path: str | Path, norm_num_groups: int | None = None, **config_overrides: object) -> AutoencoderKL:
     state = read_ldm_state(path)
     stored, full = _stored_config(Path(path))
-    if full is not None and norm_num_groups is None:
-        cfg = full.replace(**config_overrides) if config_overrides else full
+    if full is not None:  # a file we wrote: its whole config (statistics, force_upcast, sample size) stays
+        overrides = {**config_overrides, **({"norm_num_groups": norm_num_groups} if norm_num_groups else {})}
+        cfg = full.replace(**overrides) if overrides else full
     else:
         stored_groups = stored.pop("norm_num_groups", 32)
         groups = norm_num_groups or int(stored_groups)  # type: ignore[call-overload]

@@ -27,8 +27,11 @@ from sdvae.models.autoencoder_kl import AutoencoderKL
 from sdvae.models.discriminator import NLayerDiscriminator
 from sdvae.training.compiling import compile_for_training
 from sdvae.training.equivariance import EquivarianceSchedule
+from sdvae.training.latent_noise import perturb_latents
 from sdvae.training.plan import TrainingPlan, initial_plan
 from sdvae.training.stepping import Trained, finish_window
+
+LECAM_WARMED_UP = 10**6  # EMA updates after which 1 - decay^n is 1 in float32 for any decay < 1 - 2e-5
 
 
 def freeze_encoder(autoencoder: AutoencoderKL) -> None:
@@ -42,20 +45,26 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive steps with non-finite loss or gradients."""
 
 
-def lr_lambda(schedule: str, warmup: int, total: Callable[[], int]) -> Callable[[int], float]:
+def lr_lambda(schedule: str, warmup: int | Callable[[], int], total: Callable[[], int]) -> Callable[[int], float]:
     """Multiplier on the base LR per step of its own optimizer: constant, linear warmup, or warmup +
-    cosine. `total()` is that optimizer's step count over the run, read at each step because a
-    budgeted run learns its length after its first windows; the cosine reaches 0 at its last step."""
+    cosine. `total()` (and `warmup()`, when callable) are read at each step because a budgeted run
+    learns its length, and scales its warm-up, after its first windows; the cosine reaches 0 at
+    its last step."""
 
     def fn(step: int) -> float:
-        if schedule != "constant" and warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total() - 1 - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+        warm = warmup() if callable(warmup) else warmup
+        return _multiplier(schedule, warm, total(), step)
 
     return fn
+
+
+def _multiplier(schedule: str, warmup: int, total: int, step: int) -> float:
+    if schedule != "constant" and warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def _is_validation_row(row: dict[str, float]) -> bool:
@@ -139,7 +148,9 @@ class VAEGANModule(L.LightningModule):
             torch.optim.lr_scheduler.LambdaLR(
                 o,
                 lr_lambda(
-                    t.lr_schedule, t.warmup_steps, lambda i=i: self.plan.optimizer_steps(t.gan_schedule, gan_on)[i]
+                    t.lr_schedule,
+                    self.planned_warmup,
+                    lambda i=i: self.plan.optimizer_steps(t.gan_schedule, gan_on)[i],
                 ),
             )
             for i, o in enumerate((opt_g, opt_d))
@@ -147,6 +158,10 @@ class VAEGANModule(L.LightningModule):
         return [opt_g, opt_d], sched
 
     # -- schedule --------------------------------------------------------------------------------------
+    def planned_warmup(self) -> int:
+        """The plan's LR warm-up (a checkpoint from before warm-up was planned: as written)."""
+        return self.plan.warmup if self.plan.warmup is not None else self.cfg.train.warmup_steps
+
     @property
     def gan_active(self) -> bool:
         return self.g_steps >= self.plan.disc_start and self.cfg.loss.disc_factor > 0
@@ -228,7 +243,8 @@ class VAEGANModule(L.LightningModule):
         # rank's. A non-finite loss is counted here and its window skipped on every rank at its end.
         self.discriminator.requires_grad_(False)
         if train_g:
-            xrec, posterior = self.autoencoder(batch, sample_posterior=True)
+            posterior = self.autoencoder.encode(batch)
+            xrec = self.autoencoder.decode(perturb_latents(posterior.sample(), self.cfg.loss.latent_noise))
             terms = self.generator_terms(batch, xrec, posterior, use_gan)
             # after generator_terms: under 16-mixed it recomputes the last layer from the input the
             # main decode left at conv_out, which the second decode below overwrites
@@ -376,7 +392,9 @@ class VAEGANModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("val_metrics.")]:  # written by earlier versions
             del state[key]
-        state.setdefault("loss.ema_updates", torch.zeros(()))  # before LeCam's anchors were debiased
+        # written before LeCam's anchors were debiased: they are plain EMAs already, so they count as
+        # warmed up (debias factor 1); a count of 0 would divide them by 1 - decay, 100x at 0.99
+        state.setdefault("loss.ema_updates", torch.tensor(float(LECAM_WARMED_UP)))
         c = checkpoint["sdvae_counters"]
         self.windows, self.g_steps, self.d_steps = c["windows"], c["g_steps"], c["d_steps"]
         self.bad_steps, self.micro = c["bad_steps"], c["micro"]

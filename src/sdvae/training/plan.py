@@ -14,7 +14,15 @@ The expected window then weighs each phase by its share of the run. The calibrat
 per machine and workload (`timing_cache`), so the same machine plans the same run every time,
 and a cached run plans before its first window. The window count is rounded down to two
 significant digits (1,637 -> 1,600). The budget covers training windows; validation, checkpoints
-and start-up come on top. The plan is stored in every checkpoint: a resumed run continues the same plan.
+and start-up come on top. The plan is stored in every checkpoint: a resumed run continues the same
+plan, whatever a timing on the machine that resumes it would say.
+
+A cached calibration is checked against the run's own windows 5-20: when the two differ by more
+than `CALIBRATION_TOLERANCE` (a calibration taken on a busy machine, or a machine that changed),
+the run re-plans from its own timing and the cache keeps the new figure, with when and how it
+was taken. Under DDP, global rank 0 decides and broadcasts at fixed points that every rank
+reaches alike, whatever each rank's local cache holds (`run.RunDecisions` first hands every rank
+rank 0's timings).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import lightning as L
@@ -33,6 +42,8 @@ from sdvae.training.timing_cache import locked_entry
 MIN_WINDOWS = 10
 SKIPPED_WINDOWS = 5  # warm-up (allocator, first-call kernels, compilation) before timing
 TIMED_WINDOWS = 15
+CALIBRATION_TOLERANCE = 1.5  # a cached calibration off the run's own by more than this factor is replaced
+MAX_WARMUP_SHARE = 0.25  # a planned LR warm-up never takes more than this share of the windows
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class TrainingPlan:
     final: bool = True  # False: a budgeted run's provisional plan until its windows are timed
     window_s: float | None = None  # expected seconds per window (budgeted runs)
     calibration: float | None = None  # real window / timed step
+    warmup: int | None = None  # LR warm-up steps (None: a checkpoint from before warm-up was planned)
 
     def optimizer_steps(self, gan_schedule: str, gan_on: bool) -> tuple[int, int]:
         """(generator steps, discriminator steps) the run makes: each LR schedule's length."""
@@ -68,7 +80,18 @@ def fixed_plan(cfg: Config) -> TrainingPlan:
     """`train.max_steps` windows, with the step-valued params exactly as written."""
     t, loss = cfg.train, cfg.loss
     assert t.max_steps is not None
-    return TrainingPlan(t.max_steps, loss.disc_start, loss.perceptual_start, t.val_every, t.checkpoint_every)
+    return TrainingPlan(
+        t.max_steps, loss.disc_start, loss.perceptual_start, t.val_every, t.checkpoint_every, warmup=t.warmup_steps
+    )
+
+
+def scaled_warmup(warmup_steps: int, scale: float, windows: int) -> int:
+    """`warmup_steps` scaled like every other step-valued param, with a floor of one step (a
+    warm-up asked for never vanishes) and a ceiling of `MAX_WARMUP_SHARE` of the run, so the
+    cosine always has most of the run to decay over."""
+    if warmup_steps <= 0:
+        return 0
+    return max(1, min(round(warmup_steps * scale), int(windows * MAX_WARMUP_SHARE)))
 
 
 def scaled_plan(cfg: Config, windows: int, **measured: Any) -> TrainingPlan:
@@ -82,6 +105,7 @@ def scaled_plan(cfg: Config, windows: int, **measured: Any) -> TrainingPlan:
         max(1, round(t.checkpoint_every * s)),
         round(s, 6),
         budgeted=True,
+        warmup=scaled_warmup(t.warmup_steps, s, windows),
         **measured,
     )
 
@@ -93,16 +117,22 @@ def initial_plan(cfg: Config) -> TrainingPlan:
     return dataclasses.replace(scaled_plan(cfg, cfg.train.plan_steps), final=False)
 
 
+def gan_window_weight(cfg: Config) -> float:
+    """A GAN window's cost in timed GAN steps (G and D): under `alternate` a window trains one of
+    the two, counted as half. The plan's shares and the planner's calibration use this one weight,
+    so the approximation cannot compound (counted once as a half, once as a whole, a run
+    overran its budget up to 2x)."""
+    return 0.5 if cfg.train.gan_schedule == "alternate" else 1.0
+
+
 def phase_shares(cfg: Config, total: int) -> dict[str, float]:
-    """Share of a `total`-window run spent in each phase (a GAN window under `alternate` trains
-    one network: counted as half a GAN step, an approximation)."""
+    """Share of a `total`-window run spent in each phase, a GAN window weighed by `gan_window_weight`."""
     loss = cfg.loss
     pixel = 1.0 if loss.perceptual_weight <= 0 else min(loss.perceptual_start, total) / total
     gan = max(0, total - loss.disc_start) / total if loss.disc_factor > 0 else 0.0
     pixel = min(pixel, 1.0 - gan)
     shares = {"pixel": pixel, "perceptual": max(0.0, 1.0 - pixel - gan), "gan": gan}
-    if cfg.train.gan_schedule == "alternate":
-        shares["gan"] *= 0.5
+    shares["gan"] *= gan_window_weight(cfg)
     return shares
 
 
@@ -122,18 +152,39 @@ def budget_plan(cfg: Config, step_s: dict[str, float], calibration: float, done:
     return scaled_plan(cfg, windows, window_s=per_window, calibration=calibration)
 
 
+def calibration_record(value: float, replaced: float | None) -> dict[str, Any]:
+    """How a calibration was taken, for the timing cache and `sdvae info`."""
+    return {
+        "value": round(value, 6),
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "how": f"windows {SKIPPED_WINDOWS}-{SKIPPED_WINDOWS + TIMED_WINDOWS} of a run, validation excluded",
+        **({"replaced": round(replaced, 6)} if replaced is not None else {}),
+    }
+
+
+def trusted(cached: float, measured: float) -> bool:
+    """Whether a cached calibration agrees with the run's own within `CALIBRATION_TOLERANCE`."""
+    return 1 / CALIBRATION_TOLERANCE <= measured / cached <= CALIBRATION_TOLERANCE
+
+
 class BudgetPlanner(L.Callback):
-    """Plans a budgeted run: at once from this machine's cached calibration, else after timing
-    `TIMED_WINDOWS` real windows. A plan restored from a checkpoint is kept as it is."""
+    """Plans a budgeted run: at once from this machine's cached calibration (then checked against
+    the run's own windows), else after timing `TIMED_WINDOWS` real windows. A plan restored from a
+    checkpoint is kept as it is: no timing changes a run once it has one."""
 
     def __init__(self, step_s: dict[str, float], cache_key: str, precision: str, calibration: float | None) -> None:
         self.step_s, self.cache_key, self.precision, self.calibration = step_s, cache_key, precision, calibration
-        self.start: int | None = None
+        self.start: int | None = None  # first window of the timed span; None: not timing
         self.t0 = 0.0
         self.expected = 0.0  # timed step seconds of the windows timed so far
         self.excluded = 0.0  # validation time inside the timed span
+        self.replanned: dict[str, Any] | None = None  # set when a cached calibration was replaced
         self._phase = "perceptual"
         self._val_t0 = 0.0
+
+    def adopt(self, step_s: dict[str, float], calibration: float | None, precision: str) -> None:
+        """Take global rank 0's timings, so every rank takes the same branches (and collectives)."""
+        self.step_s, self.calibration, self.precision = step_s, calibration, precision
 
     def _apply(self, trainer: L.Trainer, module: Any, plan: TrainingPlan) -> None:
         if trainer.is_global_zero and plan != module.plan:
@@ -148,13 +199,13 @@ class BudgetPlanner(L.Callback):
         trainer.val_check_batch = plan.val_every * module.cfg.train.accumulate_grad_batches
 
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
-        if module.plan.final:
+        if module.plan.final:  # a fixed run, or a plan restored from the checkpoint
             self._apply(trainer, module, module.plan)
-        elif self.calibration is not None:
+            return
+        if self.calibration is not None:
             plan = budget_plan(module.cfg, self.step_s, self.calibration, module.windows)
             self._apply(trainer, module, trainer.strategy.broadcast(plan, src=0))
-        else:
-            self.start = module.windows
+        self.start = module.windows  # timed either way: a cached calibration is checked
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, *args: object) -> None:
         if module.micro == 0:
@@ -168,7 +219,7 @@ class BudgetPlanner(L.Callback):
             self.excluded += time.perf_counter() - self._val_t0
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: object) -> None:
-        if self.start is None or not module.window_done or module.plan.final:
+        if self.start is None or not module.window_done:
             return
         done = module.windows - self.start
         if done == SKIPPED_WINDOWS:
@@ -176,14 +227,27 @@ class BudgetPlanner(L.Callback):
             return
         if done < SKIPPED_WINDOWS:
             return
-        self.expected += self.step_s[self._phase]
+        weight = gan_window_weight(module.cfg) if self._phase == "gan" else 1.0
+        self.expected += self.step_s[self._phase] * weight
         if done < SKIPPED_WINDOWS + TIMED_WINDOWS:
             return
-        real = time.perf_counter() - self.t0 - self.excluded
-        calibration = real / self.expected
-        plan = trainer.strategy.broadcast(budget_plan(module.cfg, self.step_s, calibration, module.windows), src=0)
+        self.start = None
+        measured = (time.perf_counter() - self.t0 - self.excluded) / self.expected
+        cached = self.calibration
+        # rank 0's timing decides; every rank makes this one broadcast at this window
+        measured = float(trainer.strategy.broadcast(measured, src=0))
+        if cached is not None and trusted(cached, measured):
+            return
+        plan = budget_plan(module.cfg, self.step_s, measured, module.windows)
         if trainer.is_global_zero:
+            if cached is not None:
+                self.replanned = {"cached": round(cached, 6), "measured": round(measured, 6)}
+                print(
+                    f"the cached calibration ({cached:.3f}) is off this run's own ({measured:.3f}) by more than "
+                    f"{CALIBRATION_TOLERANCE}x: re-planned, and the cache now holds the new figure",
+                    flush=True,
+                )
             with locked_entry(self.cache_key) as entry:
                 entry.setdefault("calibration", {})[self.precision] = plan.calibration
+                entry.setdefault("calibration_record", {})[self.precision] = calibration_record(measured, cached)
         self._apply(trainer, module, plan)
-        self.start = None

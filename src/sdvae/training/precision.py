@@ -85,3 +85,15 @@ def choose(step_seconds: dict[str, dict[str, float]], shares: dict[str, float], 
     per_window = {p: window_seconds(step_seconds[p], shares) for p in CPU_CANDIDATES}
     faster = per_window["32"] >= BF16_MARGIN * per_window["bf16-mixed"]
     return PrecisionChoice("bf16-mixed" if faster else "32", True, per_window, from_cache)
+
+
+def precision_plugin(precision: str, device: torch.device) -> Any:
+    """Lightning's plugin for a precision `auto` can resolve to: for a rank that must take rank 0's
+    choice after the trainer was built with its own."""
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    if precision == "32":
+        return Precision()
+    if precision == "bf16-mixed":
+        return MixedPrecision("bf16-mixed", device.type)
+    raise ValueError(f"rank 0 chose precision {precision!r}; only 32 and bf16-mixed are decided by timing")

@@ -18,12 +18,9 @@ from mlflow.entities import Metric
 
 from sdvae.config import Config, TrackingConfig
 from sdvae.data.datamodule import ImageDataModule
-from sdvae.formats import load_any
 from sdvae.formats.diffusers import save_diffusers
-from sdvae.formats.ldm import carries_factors
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
-from sdvae.models.factory import build_autoencoder, with_family_factors
 from sdvae.tracking import DVC_EXP_NAME, experiment_tags, mark_model_training, resolve_store, store_lock
 from sdvae.training.callbacks import (
     AtomicLastCheckpoint,
@@ -36,9 +33,10 @@ from sdvae.training.checkpoints import resumable_checkpoint
 from sdvae.training.compiling import check_compile_supported
 from sdvae.training.measured import measure_setup
 from sdvae.training.module import VAEGANModule, freeze_encoder
-from sdvae.training.plan import TrainingPlan
-from sdvae.training.precision import PrecisionChoice, uses_cuda
+from sdvae.training.plan import BudgetPlanner, TrainingPlan
+from sdvae.training.precision import PrecisionChoice, precision_plugin, uses_cuda
 from sdvae.training.progress import StepProgressBar
+from sdvae.training.starting import starting_autoencoder
 from sdvae.training.trainer import build_trainer
 
 
@@ -73,47 +71,122 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 
 def run_fingerprint(cfg: Config, paths: TrainPaths) -> str:
-    """What a checkpoint must match to be resumed: training-relevant params + the data caches."""
-    relevant = {k: v for k, v in cfg.to_dict().items() if k in ("data", "model", "loss", "discriminator", "train")}
+    """What a checkpoint must match to be resumed: training-relevant params as the user wrote them
+    (`train.precision: auto` stays `auto`: what a timing resolved it to is the run's own decision,
+    kept in its record) + which weights validation scores + the data caches."""
+    data = cfg.to_dict()
+    relevant = {k: v for k, v in data.items() if k in ("data", "model", "loss", "discriminator", "train")}
+    relevant["eval.use_ema"] = data["eval"]["use_ema"]
     for split in (paths.train_cache, paths.eval_cache):
         manifest = split / "manifest.json"
         relevant[str(split)] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _resume_state(paths: TrainPaths, fingerprint: str) -> tuple[Path | None, str | None, bool]:
-    """(checkpoint to resume, MLflow run id to continue, whether stale checkpoints must go).
+@dataclass(frozen=True)
+class ResumeState:
+    checkpoint: Path | None  # to resume from
+    run_id: str | None  # the MLflow run to continue
+    stale: bool  # checkpoints of other params or data are there: set aside before training
+    precision: str | None  # the precision the run decided when it started (None: decide now)
 
-    Pure, so every rank reaches the same answer; only global rank 0 removes anything, once the
+
+def _resume_state(paths: TrainPaths, fingerprint: str) -> ResumeState:
+    """Pure, so every rank reaches the same answer; only global rank 0 moves anything, once the
     ranks are known (`RunBookkeeping.setup`)."""
     meta_file = paths.checkpoints / "run.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if meta.get("fingerprint") != fingerprint:
-        return None, None, paths.checkpoints.exists()
-    return resumable_checkpoint(paths.checkpoints), meta.get("run_id"), False
+        return ResumeState(None, None, any(_kept(paths.checkpoints)), None)
+    checkpoint = resumable_checkpoint(paths.checkpoints)
+    return ResumeState(checkpoint, meta.get("run_id"), False, meta.get("precision") if checkpoint else None)
+
+
+STALE = "stale"  # under the checkpoint folder: runs of other params, kept aside, never resumed
+
+
+def _kept(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name != STALE] if folder.is_dir() else []
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a run's checkpoints (of other params or data) into `folder/stale/<time>/`: a new run
+    never deletes what an earlier one wrote."""
+    target = folder / STALE / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    n = 0
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{target.name.split('.')[0]}.{n}")
+    target.mkdir(parents=True)
+    for item in _kept(folder):
+        os.replace(item, target / item.name)
+    return target
 
 
 class RunBookkeeping(L.Callback):
-    """Global rank 0's one-off writes: drop stale checkpoints, log params, record the run.
+    """Global rank 0's decisions and one-off writes: hand every rank rank 0's precision and timings,
+    set stale checkpoints aside, log params, record the run.
 
     Why in `setup`: before `fit` sets up the process group, a process of node 1 started with
     NODE_RANK=1 still reports global rank 0, and two processes creating the MLflow run race on
-    the database. `setup` runs after the ranks are set and before any checkpoint is restored.
+    the database. `setup` runs on every rank after the ranks are set, before any checkpoint is
+    restored and before the precision plugin is bound to the model: the one fixed point where
+    rank 0's decisions can replace a rank's own.
     """
 
     def __init__(
-        self, cfg: Config, paths: TrainPaths, logger: MLFlowLogger, fingerprint: str, new_run: bool, stale: bool
+        self,
+        cfg: Config,
+        paths: TrainPaths,
+        logger: MLFlowLogger,
+        fingerprint: str,
+        state: ResumeState,
+        planner: BudgetPlanner | None,
     ) -> None:
         self.cfg, self.paths, self.logger, self.fingerprint = cfg, paths, logger, fingerprint
-        self.new_run, self.stale = new_run, stale
+        self.state, self.planner = state, planner
+        self.set_aside_to: Path | None = None
+
+    def _agree(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Every rank takes rank 0's precision and timings (its own cache may hold others, or none)."""
+        mine = {
+            "precision": self.cfg.train.precision,
+            "timings": (self.planner.step_s, self.planner.calibration) if self.planner is not None else None,
+        }
+        decided = trainer.strategy.broadcast(mine, src=0)
+        resumes = trainer.strategy.reduce_boolean_decision(self.state.checkpoint is not None, all=True)
+        starts = not trainer.strategy.reduce_boolean_decision(self.state.checkpoint is not None, all=False)
+        if not (resumes or starts):
+            raise RuntimeError(
+                "some ranks found a checkpoint of this run to resume and others did not: give every node "
+                f"the same {self.paths.checkpoints} (shared storage), or remove it on every node to start afresh"
+            )
+        if decided["precision"] != mine["precision"]:
+            print(
+                f"rank {trainer.global_rank}: precision {mine['precision']} resolved here, "
+                f"{decided['precision']} on rank 0: using rank 0's",
+                flush=True,
+            )
+            trainer.strategy.precision_plugin = precision_plugin(decided["precision"], trainer.strategy.root_device)
+            self.cfg = dataclasses.replace(
+                self.cfg, train=dataclasses.replace(self.cfg.train, precision=decided["precision"])
+            )
+            module.cfg = self.cfg  # type: ignore[assignment]
+        if self.planner is not None and decided["timings"] is not None:
+            step_s, calibration = decided["timings"]
+            self.planner.adopt(step_s, calibration, decided["precision"])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._agree(trainer, pl_module)
         if trainer.is_global_zero:
-            if self.stale:
-                print(f"checkpoints in {self.paths.checkpoints} belong to other params or data: starting afresh")
-                shutil.rmtree(self.paths.checkpoints)
+            if self.state.stale:
+                self.set_aside_to = set_aside(self.paths.checkpoints)
+                print(
+                    f"checkpoints in {self.paths.checkpoints} belong to other params or data: starting afresh; "
+                    f"they are kept in {self.set_aside_to} (delete it when no longer needed)"
+                )
             self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
-            if self.new_run:  # the first use creates the experiment and the run: one process at a time
+            if self.state.run_id is None:  # the first use creates the experiment and the run: one process at a time
                 with store_lock(tracking_uri(self.cfg.tracking)):
                     self.logger.log_hyperparams(self.cfg.flat())
                     mark_model_training(self.logger.experiment, self.logger.experiment_id)
@@ -121,6 +194,8 @@ class RunBookkeeping(L.Callback):
                 "fingerprint": self.fingerprint,
                 "run_id": self.logger.run_id,
                 "tracking_uri": tracking_uri(self.cfg.tracking),
+                # decided once, when the run started: a resume takes it from here, never from a timing
+                "precision": self.cfg.train.precision,
             }
             write_json(self.paths.checkpoints / "run.json", record)
         trainer.strategy.barrier("sdvae-bookkeeping")
@@ -141,28 +216,23 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     if cfg.train.compile:
         check_compile_supported(uses_cuda(cfg.train.accelerator))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    if cfg.train.init_from:  # a diffusers folder (with its config), or a single LDM/SD/FLUX file
-        autoencoder = load_any(cfg.train.init_from)
-        if Path(cfg.train.init_from).is_file() and not carries_factors(cfg.train.init_from):
-            # a file from elsewhere: its family's factors (files we write carry their own)
-            autoencoder.config = with_family_factors(autoencoder.config, cfg.model, cfg.train.init_from)
-        autoencoder.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    else:
-        autoencoder = build_autoencoder(cfg.model, cfg.train.resolution)
+    autoencoder = starting_autoencoder(cfg)
     perceptual = build_lpips(cfg.weights)
     if cfg.train.decoder_only:  # as the module will, so the timed step matches the run's
         freeze_encoder(autoencoder)
-    measured = measure_setup(cfg, autoencoder, perceptual)
+    fingerprint = run_fingerprint(cfg, paths)  # the params as written: a timing cannot make a run stale
+    state = _resume_state(paths, fingerprint)
+    resume, run_id = state.checkpoint, state.run_id
+    measured = measure_setup(cfg, autoencoder, perceptual, decided=state.precision)
     precision = measured.precision
+    if state.precision is not None and cfg.train.precision != state.precision:
+        print(f"train.precision {cfg.train.precision} -> {precision}: as decided when this run started")
     if measured.choice is not None:
         times = ", ".join(f"{p} {s:.3f} s" for p, s in measured.choice.window_s.items())
         cached = " (cached for this machine)" if measured.choice.from_cache else ""
         print(f"train.precision auto -> {precision} on this machine: timed window {times}{cached}")
-    if precision != cfg.train.precision:
-        # the resolved value is what MLflow records and what a checkpoint must match to resume
+    if precision != cfg.train.precision:  # the resolved value is what MLflow and the run's record keep
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    fingerprint = run_fingerprint(cfg, paths)
-    resume, run_id, stale = _resume_state(paths, fingerprint)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # the timing drew random numbers
     module = VAEGANModule(cfg, autoencoder, perceptual)
     datamodule = ImageDataModule(
@@ -188,8 +258,9 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
             artifact_location=artifacts,
             tags=experiment_tags() or None,
         )
+    bookkeeping = RunBookkeeping(cfg, paths, logger, fingerprint, state, measured.planner)
     callbacks = [
-        RunBookkeeping(cfg, paths, logger, fingerprint, new_run=run_id is None, stale=stale),
+        bookkeeping,
         *([measured.planner] if measured.planner is not None else []),
         AtomicLastCheckpoint(paths.checkpoints),
         ValidationGrid(paths.grids, cfg.eval.grid_images),
@@ -201,10 +272,13 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         print(f"resuming from {resume}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     # how the run's length and precision were decided: in the result and in metrics/train.json
+    planner = measured.planner
     decided = {
         "plan": module.plan.as_record(),
         **({"precision_timing": measured.choice.as_record()} if measured.choice is not None else {}),
         **({"eq_steps": module.eq_steps} if module.equivariance.enabled else {}),
+        **({"calibration_replaced": planner.replanned} if planner is not None and planner.replanned else {}),
+        **({"checkpoints_set_aside": str(bookkeeping.set_aside_to)} if bookkeeping.set_aside_to else {}),
     }
     result = {
         "run_id": logger.run_id,

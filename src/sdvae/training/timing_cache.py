@@ -5,8 +5,9 @@ timings. Measured once per machine and workload, they cost a rerun or a resume n
 cannot flip on noise. The key names everything that changes the answer: the CPU (model string,
 flags, the ATen and oneDNN instruction-set caps in force, thread count) or GPU, the torch
 version, and the workload (architecture, discriminator, resolution, batch, precision choices).
-The file: `$SDVAE_TIMING_CACHE`, else `timings.json` in the sdvae cache directory; delete it to
-measure afresh.
+The file: `$SDVAE_TIMING_CACHE`, else `timings.json` in the sdvae cache directory; `sdvae info
+--retime` drops the entry of the params at hand, deleting the file drops all. A run that has a
+checkpoint never reads its decisions from here again: they live in the checkpoint's record.
 """
 
 from __future__ import annotations
@@ -98,3 +99,20 @@ def locked_entry(key: str) -> Iterator[dict[str, Any]]:
         if json.dumps(entry, sort_keys=True) != before:
             everything[key] = entry
             write_json(path, everything)
+
+
+def forget_entry(key: str) -> bool:
+    """Remove the entry for `key`; whether there was one."""
+    path = cache_file()
+    if not path.is_file():
+        return False
+    with FileLock(str(path) + ".lock"):
+        try:
+            everything = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if key not in everything:
+            return False
+        del everything[key]
+        write_json(path, everything)
+        return True

@@ -14,10 +14,9 @@ from sdvae.training.plan import initial_plan
 def build_trainer(cfg: Config, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
     t = cfg.train
     strategy: Any = t.strategy
-    if t.strategy in ("ddp", "ddp_spawn"):
+    if t.strategy == "ddp":
         # G and D take turns: the idle network's parameters get no gradient in a window.
-        start = "spawn" if t.strategy == "ddp_spawn" else "popen"
-        strategy = DDPStrategy(find_unused_parameters=True, start_method=start)
+        strategy = DDPStrategy(find_unused_parameters=True, start_method="popen")
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

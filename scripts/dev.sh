@@ -3,6 +3,8 @@
 #   bash scripts/dev.sh repro   install everything, then run the whole DVC pipeline (dvc repro)
 #   bash scripts/dev.sh test    install everything, then run the test suite
 #   bash scripts/dev.sh cpu-paths   re-run the tolerance-sensitive tests on every CPU code path this CPU can emulate
+#   bash scripts/dev.sh docs        build the documentation site strictly (broken links fail) into site/
+#   bash scripts/dev.sh docs-serve  serve it on http://127.0.0.1:8000
 #   bash scripts/dev.sh lint | bench | shell-env
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,5 +67,7 @@ case "$cmd" in
   cpu-paths) bootstrap; cpu_paths "$@" ;;
   lint) bootstrap; ruff check . && ruff format --check . ;;
   bench) bootstrap; python bench/run.py "$@" ;;
-  *) sed -n '2,7p' "$0"; exit 2 ;;
+  docs) bootstrap; NO_MKDOCS_2_WARNING=1 mkdocs build --strict "$@" ;;
+  docs-serve) bootstrap; NO_MKDOCS_2_WARNING=1 mkdocs serve "$@" ;;
+  *) sed -n '2,9p' "$0"; exit 2 ;;
 esac

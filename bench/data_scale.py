@@ -29,7 +29,7 @@ from sdvae.data.images import load_rgb
 from sdvae.data.prepare import PrepareSpec, prepare_split
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_STEP_IMAGES_PER_S = 55.0  # the SD f8c4 step at 256 px on one H100 today (README); plan for 2-3x
+GPU_STEP_IMAGES_PER_S = 55.0  # the SD f8c4 step at 256 px on one H100 (docs/benchmarks.md); plan for 2-3x
 
 
 def make_set(photos: Path, out: Path, count: int, seed: int = 0) -> int:

@@ -1,6 +1,6 @@
 """How a model reproduces flat content: a uniform colour with a gentle vertical ramp, at several sizes.
 
-Smooth photos are where the default loses to bicubic (README, per-image table). This isolates that
+Smooth photos are where the default loses to bicubic (docs/quality.md, per-image table). This isolates that
 content: each field is one colour plus a ramp of +-0.05 on [0, 1] from top to bottom (a sky, a
 grey wall), encoded to the posterior mode and decoded in fp32. Per field and size it records the
 PSNR, the error of the mean colour per channel (on [0, 1]), and the PSNR in the 8-pixel border

@@ -14,8 +14,8 @@ finished in `DIR/gpu_check.json` (log in `DIR/gpu_check.log`, eval grid in `DIR/
      (bf16, compile, EMA, the GAN for the last 40%): images/s, MFU, loader-wait fraction;
   5. evaluation: that model against bicubic with the project's per-image protocol.
 
-On the GPU machine (after bench/gpu_wheels.sh here; see the README):
-    pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
+On the GPU machine (after bench/gpu_wheels.sh here; see docs/gpu-check.md):
+    bash bench/gpu_install.sh   # the wheels into /tmp/site (keeps a huggingface_hub the machine has)
     PYTHONPATH=/tmp/site:src python bench/gpu_check.py --out "$OUT"
 Back here: `python bench/gpu_check.py --merge DIR/gpu_check.json` writes the `gpu` rows of
 metrics/bench.json. On CPU, in CI: `python bench/gpu_check.py --smoke --device cpu --out DIR`.
@@ -151,7 +151,7 @@ def bench_rows(result: dict[str, Any]) -> dict[str, Any]:
     env = phases.get("environment", {})
     rows: dict[str, Any] = {
         "machine": env.get("machine"),
-        "command": "bench/gpu_check.py (README: GPU check)",
+        "command": "bench/gpu_check.py (docs/gpu-check.md)",
         "matmul": env.get("matmul"),
     }
     for name in ("correctness", "step", "trainer", "evaluation"):

@@ -2,7 +2,7 @@
 # On a CPU machine with PyPI: fill .gpu/ (git-ignored, at most 64 MiB) with what a bare GPU
 # machine lacks for bench/gpu_check.py, and print its size. Then, on the GPU machine, with the
 # working tree and .gpu/ copied there:
-#   pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
+#   bash bench/gpu_install.sh
 #   PYTHONPATH=/tmp/site:src python bench/gpu_check.py --out "$OUT"
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "evaluate",
         help="score VAEs (diffusers folders, LDM/SD single files, 'bicubic') on an image set: table, JSON, grid",
         description="Per-image PSNR and SSIM, LPIPS, rFID and KID of each model on the same images, and "
-        "how diffusable its latents are (the protocol: README, 'Evaluation protocol').",
+        "how diffusable its latents are (the protocol: docs/evaluation.md).",
     )
     p.add_argument("models", nargs="+", help="diffusers folder, pipeline folder with vae/, .ckpt/.safetensors, bicubic")
     p.add_argument("--data", required=True, help="folder:<path>, hf:<name>[:split], builtin:<set>, or an eval cache")

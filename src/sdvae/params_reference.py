@@ -60,7 +60,8 @@ def param_docs(params_yaml: Path) -> list[ParamDoc]:
 
 
 def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|")
+    """Table-safe: pipes escaped, angle brackets as entities (`folder:<path>` is no HTML tag)."""
+    return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def reference_markdown(params_yaml: Path) -> str:
@@ -78,7 +79,7 @@ def reference_markdown(params_yaml: Path) -> str:
         name = doc.key.split(".")[0]
         if name != section:
             section = name
-            lines += ["", f"## `{name}`", "", "| key | meaning | params.yaml | accepts |", "|---|---|---|---|"]
+            lines += ["", f"## `{name}`", "", f"| `{name}.` key | meaning | params.yaml | accepts |", "|---|---|---|---|"]
         value = f"`{_cell(doc.project_value)}`" if doc.project_value is not None else "(library default)"
-        lines.append(f"| `{doc.key}` | {_cell(doc.text)} | {value} | {_cell(doc.kind)} |")
+        lines.append(f"| `{doc.key.split('.', 1)[1]}` | {_cell(doc.text)} | {value} | {_cell(doc.kind)} |")
     return "\n".join(lines) + "\n"

@@ -131,7 +131,7 @@ def recolored(crop: torch.Tensor) -> torch.Tensor:
     channels in one of the five other orders. Thirty-two photos show few colours; the unseen
     photos the default lost on are a grey pier that came back tinted and skies that came back
     the wrong blue. Both keep the crop's structure and luminance range, to teach colour apart
-    from the photos it came with (over three seeds: within the spread, README; off by default)."""
+    from the photos it came with (over three seeds: within the spread, docs/quality.md; off by default)."""
     if torch.rand(()) < 0.25:
         return rgb_to_grayscale(crop, num_output_channels=3)
     order = _OTHER_ORDERS[int(torch.randint(len(_OTHER_ORDERS), ()))]

@@ -1,6 +1,6 @@
 """How easily a diffusion model could learn a model's latents, beside how well it reconstructs.
 
-Four figures per model (README, "Evaluation protocol", with the paper each follows):
+Four figures per model (docs/evaluation.md, with the paper each follows):
 - scale equivariance: decode(downsample2x(z)) against downsample2x(x), per-image PSNR and LPIPS
   ("Improving the Diffusability of Autoencoders", arXiv 2502.14831; EQ-VAE, arXiv 2502.09509);
 - rotation equivariance: decode(rot90(z)) against rot90(x), per-image PSNR (EQ-VAE);

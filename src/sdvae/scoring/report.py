@@ -40,7 +40,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def _latent_table(result: dict[str, Any]) -> list[str]:
-    """Diffusability, one row per model that has it (README, "Evaluation protocol")."""
+    """Diffusability, one row per model that has it (docs/evaluation.md)."""
     rows = []
     for label, m in result["models"].items():
         latent = m.get("latent")

@@ -1,7 +1,7 @@
 """`loss.latent_noise`: the decoder is trained on latents perturbed around the encoder's aim.
 
 Why: fitted latents only 0.16-0.44 latent std away from the encoder's decode the unseen photos
-about 3 dB better (README, "latent inversion"): the decoder amplifies small misses of the
+about 3 dB better (docs/quality.md, latent inversion): the decoder amplifies small misses of the
 encoder. Decoders trained on noised latents (l-DeTok, representation-autoencoder decoders) learn
 to map a neighbourhood of each latent to the same image. Each sample gets its own noise scale,
 drawn uniformly from [0, `max_scale`], in units of the batch's per-channel latent std (detached,

@@ -216,7 +216,7 @@ class VAEGANModule(L.LightningModule):
     def equivariance_term(self, batch: torch.Tensor, posterior: Any, transform: LatentTransform) -> torch.Tensor:
         """EQ-VAE's pair: a fresh posterior sample, transformed and decoded, against the same
         transform of the image. Only reconstruction and LPIPS see it: the GAN and its adaptive
-        weight stay on the plain reconstruction (README, "Equivariance regulariser")."""
+        weight stay on the plain reconstruction (docs/training.md, "Equivariance regulariser")."""
         decoded = self.autoencoder.decode(transform.latent(posterior.sample()))
         f = self.autoencoder.downsample_factor
         target = transform.image(batch, (transform.latent_size[0] * f, transform.latent_size[1] * f))

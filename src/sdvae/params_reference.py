@@ -79,7 +79,8 @@ def reference_markdown(params_yaml: Path) -> str:
         name = doc.key.split(".")[0]
         if name != section:
             section = name
-            lines += ["", f"## `{name}`", "", f"| `{name}.` key | meaning | params.yaml | accepts |", "|---|---|---|---|"]
+            header = f"| `{name}.` key | meaning | params.yaml | accepts |"
+            lines += ["", f"## `{name}`", "", header, "|---|---|---|---|"]
         value = f"`{_cell(doc.project_value)}`" if doc.project_value is not None else "(library default)"
         lines.append(f"| `{doc.key.split('.', 1)[1]}` | {_cell(doc.text)} | {value} | {_cell(doc.kind)} |")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """Benchmarks, each a ratio against a reference measured in the same run on the same machine.
 
 CPU rows (`cpu` in metrics/bench.json): the training step with every speed option against
-diffusers.AutoencoderKL (bench/train_step.py), before and after the GAN starts; encode/decode
+diffusers.AutoencoderKL (bench/speed/train_step.py), before and after the GAN starts; encode/decode
 at 256 px; shard loader vs JPEG decoding; peak memory of a training step. GPU rows (`gpu`,
 `--device cuda`): the SD f8c4 step at 256 px in bf16 with each option and its MFU from counted
 FLOPs. A run replaces only its own device's rows.
@@ -10,6 +10,11 @@ FLOPs. A run replaces only its own device's rows.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent / group) for group in ("common", "speed")]  # bench/README.md
 
 import argparse
 import json
@@ -125,7 +130,7 @@ def bench_memory(batch_size: int, res: int) -> dict:
     }
     for who in ("ours", "diffusers"):
         proc = subprocess.run(
-            [sys.executable, "-c", _MEM.format(bench=str(Path(__file__).parent), b=batch_size, r=res), who],
+            [sys.executable, "-c", _MEM.format(bench=str(Path(__file__).parent / "speed"), b=batch_size, r=res), who],
             capture_output=True,
             text=True,
             check=True,

@@ -19,7 +19,7 @@ bootstrap() {
   # uv.lock pins every package; --frozen refuses to drift from it. --compile-bytecode writes the
   # .pyc files once here: where Python may not write them (PYTHONDONTWRITEBYTECODE, read-only
   # environments) every stage, experiment and DDP rank would otherwise compile its imports from
-  # source (bench/startup.py: 2.2-2.9x the import time).
+  # source (bench/speed/startup.py: 2.2-2.9x the import time).
   .tools/bin/uv sync --frozen --extra dev --python "$PY" --quiet --compile-bytecode
   export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1 PYTHONUNBUFFERED=1
   if [ ! -d .git ]; then git init -q; fi

@@ -7,7 +7,7 @@ import torch
 
 from sdvae.config import config_from_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "bench" / g) for g in ("common", "speed", "quality", "gpu")]
 
 from train_step import bench_train_step
 
@@ -36,7 +36,7 @@ def test_convergence_recipes_apply_to_the_base_params_and_summarize_over_seeds()
 
     from convergence import RECIPES, recipe_config, summarize
 
-    base = yaml.safe_load((ROOT / "bench/convergence_base.yaml").read_text())
+    base = yaml.safe_load((ROOT / "bench/quality/convergence_base.yaml").read_text())
     cfg = recipe_config(base, RECIPES["logvar_-6_lpips_0.25"], seed=2, steps=1200)
     assert (cfg.model.init_logvar, cfg.loss.perceptual_weight, cfg.train.seed) == (-6.0, 0.25, 2)
     # the GAN keeps its share of a longer run: 650 of 800 windows -> 975 of 1200

@@ -379,11 +379,16 @@ def test_a_killed_auto_precision_run_resumes_with_its_own_decisions_after_the_ti
         proc = subprocess.Popen(
             ["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL, start_new_session=True
         )
-        ckpt = repo / "checkpoints" / "last.ckpt.sha256.json"
+        record, ckpt = repo / "checkpoints" / "run.json", repo / "checkpoints" / "last.ckpt.sha256.json"
+        before = record.read_text()  # the fixture's run
+
+        def new_checkpoint() -> bool:  # the new run recorded itself, then wrote a checkpoint
+            return record.read_text() != before and ckpt.exists() and ckpt.stat().st_mtime > record.stat().st_mtime
+
         deadline = time.monotonic() + 600
-        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not new_checkpoint() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(1.0)
+        assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         decided = json.loads((repo / "checkpoints" / "run.json").read_text())["precision"]

@@ -1,4 +1,4 @@
-"""bench/gpu_check.py: the prepared GPU check runs every phase in miniature on CPU, keeps what
+"""bench/gpu/gpu_check.py: the prepared GPU check runs every phase in miniature on CPU, keeps what
 finished when a phase overruns its cap, and only a real GPU run may become the gpu bench rows."""
 
 import argparse
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path[:0] = [str(ROOT / "bench" / g) for g in ("gpu", "speed", "quality", "common")]
 
 
 @pytest.mark.slow
 def test_smoke_run_on_cpu_completes_every_phase_with_measured_figures(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--smoke", "--device", "cpu", "--out", str(out)],
+        [sys.executable, "bench/gpu/gpu_check.py", "--smoke", "--device", "cpu", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -77,7 +77,7 @@ def test_only_a_full_gpu_run_is_merged_into_the_bench_rows(tmp_path):
     smoke = tmp_path / "smoke.json"
     smoke.write_text(json.dumps({"smoke": True, "device": "cpu", "phases": {}}))
     bench = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench/gpu_check.py", "--merge", str(smoke), "--bench-json", str(bench)]
+    cmd = [sys.executable, "bench/gpu/gpu_check.py", "--merge", str(smoke), "--bench-json", str(bench)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "only a full GPU run" in proc.stderr
     assert not bench.exists()
@@ -131,7 +131,7 @@ def test_merge_takes_each_phase_from_the_call_where_it_finished(tmp_path):
         files.append(tmp_path / f"{i}.json")
         files[-1].write_text(json.dumps(result))
     bench = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench/gpu_check.py", "--merge", *map(str, files), "--bench-json", str(bench)]
+    cmd = [sys.executable, "bench/gpu/gpu_check.py", "--merge", *map(str, files), "--bench-json", str(bench)]
     subprocess.run(cmd, cwd=ROOT, check=True)
     rows = json.loads(bench.read_text())["gpu"]
     assert rows["step"]["full"] == 2 and "partial" not in rows["step"]

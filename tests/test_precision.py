@@ -90,7 +90,7 @@ def _probe(env_extra: dict[str, str], cache: Path) -> dict:
 @pytest.mark.slow
 def test_auto_picks_fp32_where_bf16_is_emulated_whatever_the_flags_say(tmp_path):
     """Under ONEDNN_MAX_CPU_ISA=AVX512_CORE oneDNN emulates bf16 (0.32x of fp32 on an AMX Xeon, in
-    bench/cpu_precision.py) while /proc/cpuinfo still lists avx512_bf16 / amx_bf16 where the CPU
+    bench/speed/cpu_precision.py) while /proc/cpuinfo still lists avx512_bf16 / amx_bf16 where the CPU
     has them: a decision by flags took bf16 there. The timed one must take fp32, cache it, and
     time afresh without the cap (another key)."""
     cache = tmp_path / "timings.json"

@@ -95,7 +95,7 @@ BUILTIN_DEBIAN: dict[str, list[DebianPick]] = {
     ],
 }
 # Photos in no train or eval set of the project, to check that scores carry over to unseen
-# images (bench/out_of_set.py): the photographic KDE Plasma wallpapers (the others are
+# images (bench/quality/out_of_set.py): the photographic KDE Plasma wallpapers (the others are
 # renders) and the one photo of Lomiri's 20.04 set.
 _PLASMA_PHOTOS = {
     "BytheWater": "1920x1080.jpg",

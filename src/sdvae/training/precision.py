@@ -1,7 +1,7 @@
 """`train.precision: auto`: on a CPU, the precision whose training step measured faster here.
 
 Why measure: CPU flags say which instructions exist, not which precision is faster for this model
-on this machine. Measured with bench/cpu_precision.py (tiny preset, 64 px, batch 8, GAN step):
+on this machine. Measured with bench/speed/cpu_precision.py (tiny preset, 64 px, batch 8, GAN step):
 bf16 autocast ran 1.69x faster than fp32 on an Intel Xeon with AMX (family 6 model 167) and
 1.71x on an AMD EPYC with AVX512-BF16, but 0.71x on an Intel Xeon VM (family 6 model 207, as
 reported) whose flags include AVX512-BF16 and AVX512-FP16 without AMX, and 0.31x where bf16 is

@@ -5,10 +5,17 @@ The set: `--images` JPEGs of 500x375 at quality 90 (ImageNet's typical size), ra
 of the built-in photos (`data/raw/train`, run `dvc repro download` first). Writes the
 `data_scale` entry of metrics/bench.json.
 
-    python bench/data_scale.py [--images 20000] [--workers 2]
+    python bench/speed/data_scale.py [--images 20000] [--workers 2]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import json
@@ -28,7 +35,7 @@ from sdvae.data.datamodule import TrainImages
 from sdvae.data.images import load_rgb
 from sdvae.data.prepare import PrepareSpec, prepare_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPU_STEP_IMAGES_PER_S = 55.0  # the SD f8c4 step at 256 px on one H100 (docs/benchmarks.md); plan for 2-3x
 
 
@@ -98,7 +105,7 @@ def main() -> None:
                 row[f"{name}_cache_gb"] = n * row["cache_bytes_per_image"] / 1e9
             result[label] = row
             print(label, json.dumps(row, indent=2), flush=True)
-    result["command"] = f"python bench/data_scale.py --images {args.images} --workers {args.workers}"
+    result["command"] = f"python bench/speed/data_scale.py --images {args.images} --workers {args.workers}"
     store_entry(args.out, "data_scale", result)
 
 

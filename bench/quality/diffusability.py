@@ -10,10 +10,17 @@ reconstruction (per-image PSNR, SSIM, LPIPS) beside diffusability (scale and rot
 equivariance, latent high-frequency share, iFID). Writes the `diffusability` entry of
 metrics/bench.json; each fine-tune's folder is kept under --work, so a rerun only scores.
 
-    python bench/diffusability.py --seeds 0,1,2 --steps 300 --equivariance 0.5
+    python bench/quality/diffusability.py --seeds 0,1,2 --steps 300 --equivariance 0.5
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import copy
@@ -31,7 +38,7 @@ from sdvae.scoring.report import flat_metrics
 from sdvae.scoring.run import ScoreOptions, score_models
 from sdvae.training.run import TrainPaths, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHOWN = (
     "psnr",
     "ssim_gaussian",
@@ -139,7 +146,7 @@ def main() -> None:
         f"loss.equivariance {args.equivariance} against 0, seeds {seeds}; mean ± half the spread over seeds; "
         f"scored at {args.resolution} px",
         train_seconds={name: [round(s, 1) for _, _, s in group] for name, group in runs.items()},
-        command=f"python bench/diffusability.py --seeds {args.seeds} --steps {args.steps} "
+        command=f"python bench/quality/diffusability.py --seeds {args.seeds} --steps {args.steps} "
         f"--equivariance {args.equivariance}",
     )
     store_entry(args.out, "diffusability", entry)

@@ -10,13 +10,20 @@ so the lever is the encoder or what it is trained on, not the decoder's capacity
 is the mean |z* - z| over the std of z: how far the encoder's aim is off, in its own units.
 
 Images are the originals `sdvae evaluate --save-images` writes, plus the flat fields of
-bench/flat_field.py at the same size. Writes `latent_inversion_<name>` in metrics/bench.json.
+bench/quality/flat_field.py at the same size. Writes `latent_inversion_<name>` in metrics/bench.json.
 
     sdvae evaluate MODEL bicubic --data builtin:unseen --resolution 128 --save-images /tmp/diag/unseen
-    python bench/latent_inversion.py /tmp/diag/unseen --model MODEL --name unseen
+    python bench/quality/latent_inversion.py /tmp/diag/unseen --model MODEL --name unseen
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import json
@@ -33,7 +40,7 @@ from sdvae.baseline import bicubic_roundtrip
 from sdvae.formats import load_any
 from sdvae.scoring.protocol import psnr_per_image, to_uint8
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_originals(folder: Path) -> tuple[list[str], torch.Tensor]:
@@ -104,7 +111,7 @@ def main() -> None:
     entry = {
         "model": args.model, "images": args.folder, "size": size, "steps": args.steps, "lr": args.lr,
         "mean": summary, "rows": rows,
-        "command": f"python bench/latent_inversion.py {args.folder} --model {args.model} --name {args.name} "
+        "command": f"python bench/quality/latent_inversion.py {args.folder} --model {args.model} --name {args.name} "
         f"--steps {args.steps} --lr {args.lr}",
     }  # fmt: skip
     store_entry(args.out, f"latent_inversion_{args.name}", entry)

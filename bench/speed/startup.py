@@ -7,10 +7,17 @@ module it imports from source; `scripts/dev.sh` therefore installs with `uv sync
 (`cached`) and with an empty bytecode prefix and writing off (`from_source`, the state before),
 interleaved, and writes the `startup` entry of metrics/bench.json.
 
-    python bench/startup.py [--repeats 3]
+    python bench/speed/startup.py [--repeats 3]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import os
@@ -24,7 +31,7 @@ from pathlib import Path
 from results import store_entry
 from sdvae.training.timing_cache import machine_identity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMPORTS = "import sdvae.scoring.run, sdvae.tracking, sdvae.formats, lightning"
 
 
@@ -54,7 +61,7 @@ def main() -> None:
         "cached_s": medians["cached"],
         "from_source_s": medians["from_source"],
         "ratio_from_source_over_cached": round(medians["from_source"] / medians["cached"], 2),
-        "command": "python bench/startup.py",
+        "command": "python bench/speed/startup.py",
     }
     store_entry(args.out, "startup", entry)
     print(entry)

@@ -1,6 +1,6 @@
 """Tiled vs untiled reconstruction error of a trained model on the eval photos.
 
-python bench/tiling_error.py [--model models/vae] [--raw data/raw/eval] [--resolution 256]
+python bench/quality/tiling_error.py [--model models/vae] [--raw data/raw/eval] [--resolution 256]
 """
 
 from __future__ import annotations

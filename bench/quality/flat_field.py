@@ -8,10 +8,17 @@ frame against the interior (border bands show as a lower border PSNR). Bicubic a
 value count is the reference; it reproduces a ramp almost exactly. Writes the `flat_field` entry
 of metrics/bench.json and a grid (per field: input, model, bicubic) at the largest size.
 
-    python bench/flat_field.py [--model models/vae] [--sizes 64,128,256]
+    python bench/quality/flat_field.py [--model models/vae] [--sizes 64,128,256]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import json
@@ -25,7 +32,7 @@ from sdvae.baseline import bicubic_roundtrip
 from sdvae.formats import load_any
 from sdvae.imagefiles import save_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIELDS = {"sky": (0.3, 0.5, 0.9), "grey": (0.5, 0.5, 0.5), "night": (0.1, 0.1, 0.15), "sand": (0.85, 0.75, 0.55)}
 BORDER = 8
 
@@ -79,7 +86,7 @@ def main() -> None:
     save_rows([torch.cat(r) for r in grid], Path(args.grid), labels=["input", "model", "bicubic"], caption=(
         f"flat fields with a +-0.05 ramp at {sizes[-1]} px: {', '.join(FIELDS)}"
     ))  # fmt: skip
-    entry = {"model": args.model, "fields": rows, "command": f"python bench/flat_field.py --model {args.model}"}
+    entry = {"model": args.model, "fields": rows, "command": f"python bench/quality/flat_field.py --model {args.model}"}
     store_entry(args.out, "flat_field", entry)
     print(json.dumps(entry, indent=1))
 

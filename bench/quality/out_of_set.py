@@ -7,10 +7,17 @@ protocol (per-image PSNR, both SSIMs, LPIPS, KID; rFID on 12 images would mean n
 models on the same images in one pass. Writes the `out_of_set` entry of metrics/bench.json and
 a grid of the reconstructions.
 
-    python bench/out_of_set.py --models models/vae[,seed1/vae,...] [--resolution 128]
+    python bench/quality/out_of_set.py --models models/vae[,seed1/vae,...] [--resolution 128]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import json
@@ -21,7 +28,7 @@ from results import store_entry
 from sdvae.scoring.report import better_than, flat_metrics, save_grid
 from sdvae.scoring.run import ScoreOptions, score_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("psnr", "ssim_gaussian", "ssim_uniform", "lpips")
 
 
@@ -51,7 +58,7 @@ def main() -> None:
         "spread": spread,
         "bicubic": baseline,
         "beats_bicubic": {k: v for k, v in better_than(mean, baseline).items() if k in METRICS},
-        "command": f"python bench/out_of_set.py --models {args.models} --resolution {args.resolution}",
+        "command": f"python bench/quality/out_of_set.py --models {args.models} --resolution {args.resolution}",
     }
     store_entry(args.out, "out_of_set", entry)
     print(json.dumps(entry, indent=2))

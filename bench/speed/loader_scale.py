@@ -7,10 +7,17 @@ crops from [256, 512]: 500x375 JPEGs (ImageNet's typical size, kept as they are)
 JPEGs (larger photos stored at short side 512, where the legacy loader decoded at half size).
 Writes the `loader` entry of metrics/bench.json.
 
-    python bench/loader_scale.py [--samples 400] [--rounds 3]
+    python bench/speed/loader_scale.py [--samples 400] [--rounds 3]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import json
@@ -27,7 +34,7 @@ from photo_sets import jpeg_crops
 from results import store_entry
 from sdvae.data.prepare import PrepareSpec, prepare_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPU_IMAGES_PER_S = 55.0  # the SD f8c4 trainer at 256 px, bf16, one H100 (DESIGN.md); plan for 3x
 
 
@@ -76,7 +83,7 @@ def main() -> None:
             result[label] = measure(cache, 256, (256, 512), args.samples, args.rounds)
             print(label, json.dumps(result[label]), flush=True)
     result["gpu_need_images_per_s"] = GPU_IMAGES_PER_S
-    result["command"] = f"python bench/loader_scale.py --samples {args.samples} --rounds {args.rounds}"
+    result["command"] = f"python bench/speed/loader_scale.py --samples {args.samples} --rounds {args.rounds}"
     store_entry(args.out, "loader", result)
 
 

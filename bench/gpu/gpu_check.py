@@ -6,19 +6,19 @@ rewritten after every phase and sub-result, so a run killed from outside still l
 finished in `DIR/gpu_check.json` (log in `DIR/gpu_check.log`, eval grid in `DIR/eval_grid.png`):
   1. environment: device, versions, measured bf16 matmul TFLOP/s beside the spec-sheet peak;
   2. correctness: gradients of one backward vs the two-pass adaptive weight, and of
-     `train.compile`, against fp32 eager (bench/gpu_correctness.py states the tolerances);
-  3. step: bench/train_step.py's variants (ours eager / compiled vs diffusers eager / compiled),
+     `train.compile`, against fp32 eager (bench/gpu/gpu_correctness.py states the tolerances);
+  3. step: bench/speed/train_step.py's variants (ours eager / compiled vs diffusers eager / compiled),
      MFU from counted FLOPs, peak memory with and without checkpointing, the largest batch
      with checkpointing within 8 GiB;
   4. trainer: `prepare` on the bundled photos, then the Lightning trainer for a fixed time
      (bf16, compile, EMA, the GAN for the last 40%): images/s, MFU, loader-wait fraction;
   5. evaluation: that model against bicubic with the project's per-image protocol.
 
-On the GPU machine (after bench/gpu_wheels.sh here; see docs/gpu-check.md):
-    bash bench/gpu_install.sh   # the wheels into /tmp/site (keeps a huggingface_hub the machine has)
-    PYTHONPATH=/tmp/site:src python bench/gpu_check.py --out "$OUT"
-Back here: `python bench/gpu_check.py --merge DIR/gpu_check.json` writes the `gpu` rows of
-metrics/bench.json. On CPU, in CI: `python bench/gpu_check.py --smoke --device cpu --out DIR`.
+On the GPU machine (after bench/gpu/gpu_wheels.sh here; see docs/gpu-check.md):
+    bash bench/gpu/gpu_install.sh   # the wheels into /tmp/site (keeps a huggingface_hub the machine has)
+    PYTHONPATH=/tmp/site:src python bench/gpu/gpu_check.py --out "$OUT"
+Back here: `python bench/gpu/gpu_check.py --merge DIR/gpu_check.json` writes the `gpu` rows of
+metrics/bench.json. On CPU, in CI: `python bench/gpu/gpu_check.py --smoke --device cpu --out DIR`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).parent)]
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "src"), *(str(ROOT / "bench" / group) for group in ("gpu", "speed", "common"))]
 
-from results import store_entry  # noqa: E402
+from results import store_entry
 
 PHASES: tuple[tuple[str, float], ...] = (  # name, share of the budget
     ("environment", 0.03),
@@ -151,7 +151,7 @@ def bench_rows(result: dict[str, Any]) -> dict[str, Any]:
     env = phases.get("environment", {})
     rows: dict[str, Any] = {
         "machine": env.get("machine"),
-        "command": "bench/gpu_check.py (docs/gpu-check.md)",
+        "command": "bench/gpu/gpu_check.py (docs/gpu-check.md)",
         "matmul": env.get("matmul"),
     }
     for name in ("correctness", "step", "trainer", "evaluation"):
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, help="seconds for all phases (default 480; 1800 with --smoke)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="every phase in miniature (tiny preset, few steps)")
-    parser.add_argument("--bundle", default=str(ROOT / ".gpu"), help="bench/gpu_wheels.sh's folder")
+    parser.add_argument("--bundle", default=str(ROOT / ".gpu"), help="bench/gpu/gpu_wheels.sh's folder")
     parser.add_argument("--phases", help="comma-separated subset, e.g. step,trainer (a second call)")
     parser.add_argument("--write-bench", action="store_true", help="also write the gpu rows of metrics/bench.json")
     parser.add_argument(

@@ -8,9 +8,9 @@ time is left out of the clock. Runs are cached in a JSON-lines file keyed by rec
 seed and steps, so the bench can be extended or resumed; the summary (mean and spread over seeds)
 goes to the `convergence` entry of metrics/bench.json and the curves to metrics/convergence.png.
 
-    python bench/convergence.py --recipes default,logvar_-6 --seeds 0 --steps 400   # after `dvc repro prepare`
-    python bench/convergence.py --list
-    python bench/convergence.py --recipes auto_precision --seeds 0,1,2 --loader legacy   # the loader before the fix
+    python bench/quality/convergence.py --recipes default,logvar_-6 --seeds 0 --steps 400   # after `dvc repro prepare`
+    python bench/quality/convergence.py --list
+    python bench/quality/convergence.py --recipes auto_precision --seeds 0,1,2 --loader legacy  # the old loader
 
 `--loader legacy` measures the loader as it was before crops were decoded at their drawn scale
 (each JPEG decoded at the DCT scale of the range's bottom, then resized up to the draw), so the
@@ -18,6 +18,13 @@ two can be compared on the same machine; runs are cached per loader.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import json
@@ -41,7 +48,7 @@ from sdvae.models.factory import build_autoencoder
 from sdvae.training.measured import measure_setup
 from sdvae.training.module import VAEGANModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("lpips", "psnr", "ssim")
 
 # Overrides on params.yaml (dotted keys). Each one asks one question of the issue's list.
@@ -83,7 +90,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "groups_4": {"model.norm_num_groups": 4},
     "groups_1": {"model.norm_num_groups": 1},
     # the decoder draws the unseen photos 3 dB better from fitted latents than from the encoder's
-    # (bench/latent_inversion.py): the encoder's aim lags, so let it learn faster
+    # (bench/quality/latent_inversion.py): the encoder's aim lags, so let it learn faster
     "encoder_lr_2": {"train.encoder_lr_scale": 2.0},
     "encoder_lr_4": {"train.encoder_lr_scale": 4.0},
     # 4x came out 1 dB worse on the unseen photos: is a steadier encoder (a latent space the
@@ -279,7 +286,7 @@ def main() -> None:
     import yaml
 
     if args.loader == "legacy":
-        use_legacy_loader()  # bench/legacy_loader.py
+        use_legacy_loader()  # bench/speed/legacy_loader.py
     base = yaml.safe_load(Path(args.params).read_text())
     # a budgeted default (max_steps null) is compared at its reference length: the same windows for every recipe
     steps = args.steps or base["train"]["max_steps"] or base["train"]["plan_steps"]
@@ -320,7 +327,7 @@ def main() -> None:
         "machine": f"{torch.get_num_threads()} CPU threads",
         "bicubic": baseline,
         "recipes": summary,
-        "command": "python bench/convergence.py --recipes <names> --seeds <list> --steps <n>",
+        "command": "python bench/quality/convergence.py --recipes <names> --seeds <list> --steps <n>",
     }
     store_entry(args.out, "convergence", entry)
     print(json.dumps(entry, indent=2))

@@ -8,10 +8,17 @@ which LPIPS barely sees), with the PSNR it would have without that shift. Writes
 into metrics/bench.json and a grid of the worst photos (original / model / bicubic rows).
 
     sdvae evaluate models/vae bicubic --data builtin:unseen --resolution 128 --save-images /tmp/diag/unseen
-    python bench/per_image.py /tmp/diag/unseen --name unseen --grid metrics/per_image_unseen.png
+    python bench/quality/per_image.py /tmp/diag/unseen --name unseen --grid metrics/per_image_unseen.png
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import math
@@ -24,7 +31,7 @@ from PIL import Image
 from results import store_entry
 from sdvae.imagefiles import save_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(path: Path) -> np.ndarray:
@@ -93,7 +100,7 @@ def main() -> None:
     half = len(rows) // 2
     gain = [r["model_minus_bicubic"] for r in rows]
     entry = {
-        "command": f"python bench/per_image.py {args.folder} --name {args.name}",
+        "command": f"python bench/quality/per_image.py {args.folder} --name {args.name}",
         "images": len(rows),
         "losing_to_bicubic": len(losing),
         "mean_model_minus_bicubic_smoother_half": round(float(np.mean(gain[:half])), 2),

@@ -1,4 +1,4 @@
-"""The five phases of bench/gpu_check.py. Each takes the shared context, a `record(key, value)`
+"""The five phases of bench/gpu/gpu_check.py. Each takes the shared context, a `record(key, value)`
 that saves a sub-result the moment it exists, and the wall-clock deadline of its time cap."""
 
 from __future__ import annotations
@@ -430,7 +430,7 @@ def evaluation(ctx: Context, record: Record, deadline: float) -> None:
         accelerator="gpu" if ctx.cuda else "cpu",
         workers=0 if ctx.smoke else 4,
         progress=False,
-        inception=False,  # the Inception weights do not fit the device bundle (bench/gpu_bundle.py)
+        inception=False,  # the Inception weights do not fit the device bundle (bench/gpu/gpu_bundle.py)
     )
     models = [*((label, str(path)) for label, path in ctx.trained.items()), ("bicubic", "bicubic")]
     result = score_models(models, f"folder:{eval_dir}", options, ctx.weights())

@@ -2,10 +2,17 @@
 general `sqrtm` of the product (torch-fidelity's and pytorch-fid's way), on 2048-d covariances
 of Gaussian features with N below and above the dimension, timed alternately in one process.
 
-    python bench/fid_trace.py [--repeats 3] [--out metrics/bench.json]
+    python bench/quality/fid_trace.py [--repeats 3] [--out metrics/bench.json]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import os
@@ -19,7 +26,7 @@ from scipy import linalg
 from results import store_entry
 from sdvae.scoring.features import FEATURES, trace_sqrt_product
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
@@ -28,7 +35,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "metrics/bench.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    entry: dict = {"command": "python bench/fid_trace.py", "features": FEATURES, "cpus": os.cpu_count(), "cases": {}}
+    entry: dict = {
+        "command": "python bench/quality/fid_trace.py",
+        "features": FEATURES,
+        "cpus": os.cpu_count(),
+        "cases": {},
+    }
     for images in (26, 5000):
         a = rng.standard_normal((images, FEATURES))
         b = 0.8 * a + 0.6 * rng.standard_normal((images, FEATURES))

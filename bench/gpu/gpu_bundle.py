@@ -1,4 +1,4 @@
-"""Fill `.gpu/` with what a bare GPU machine lacks to run bench/gpu_check.py, within 64 MiB.
+"""Fill `.gpu/` with what a bare GPU machine lacks to run bench/gpu/gpu_check.py, within 64 MiB.
 
 A lent GPU machine has Python 3.12 with torch, torchvision, lightning, torchmetrics, safetensors,
 numpy, pillow, pyyaml, scikit-image and matplotlib, and no network. This writes, on a machine
@@ -11,7 +11,7 @@ with the project installed:
 The working tree (src/, bench/) travels on its own. The Inception weights (44 MB even in fp16) do
 not fit beside the rest, so the GPU evaluation reports PSNR, SSIM and LPIPS without rFID / KID.
 
-    python bench/gpu_bundle.py [--dest .gpu] [--python-version 3.12] [--train-crops 8]
+    python bench/gpu/gpu_bundle.py [--dest .gpu] [--python-version 3.12] [--train-crops 8]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from packaging.markers import Marker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIMIT_BYTES = 64 * 2**20
 MACHINE_HAS = (
     "torch",

@@ -11,10 +11,17 @@ The figures must agree within the tests' tolerances; the times are reported as r
 FLOPs per image of the model and of the metric networks (counted by torch's dispatcher), which
 set what ratio is reachable. Writes the `eval` entry of metrics/bench.json.
 
-    python bench/eval_protocol.py [--images 200] [--batch-size 16]
+    python bench/speed/eval_protocol.py [--images 200] [--batch-size 16]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / group) for group in ("common", "speed", "quality")
+]  # bench/README.md
 
 import argparse
 import json
@@ -35,7 +42,7 @@ from sdvae.scoring.features import build_inception
 from sdvae.scoring.protocol import to_uint8
 from sdvae.scoring.run import ScoreOptions, score_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RES = 256
 
 
@@ -152,7 +159,7 @@ def main() -> None:
         "ratio_ours_time_over_reference": round(ours_s / ref_s, 3),
         "ratio_ours_images_per_s_over_bare": round(bare_s / ours_s, 3),
         "flops_per_image": flops_per_image(model, weights),
-        "command": f"python bench/eval_protocol.py --images {args.images} --batch-size {args.batch_size}",
+        "command": f"python bench/speed/eval_protocol.py --images {args.images} --batch-size {args.batch_size}",
     }
     print(json.dumps(result, indent=2))
     store_entry(args.out, "eval", result)

@@ -7,7 +7,7 @@ interleaved, in a fresh process per instruction-set cap. `ONEDNN_MAX_CPU_ISA` an
 bf16), so one machine answers for three kinds. Results: the `cpu_precision` entry of
 metrics/bench.json.
 
-    python bench/cpu_precision.py [--quick]
+    python bench/speed/cpu_precision.py [--quick]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # (name, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY); None = as the machine is
 ISA_CAPS = (
     ("native", None, None),
@@ -67,7 +67,7 @@ def main() -> None:
     flags = cpu_flags()
     rows: dict = {
         "machine": machine(),
-        "command": "python bench/cpu_precision.py",
+        "command": "python bench/speed/cpu_precision.py",
         "step": "tiny preset, 64 px, batch 8, GAN on, one-backward step; median of interleaved repeats",
         "repeats": repeats,
         "cpu_bf16_flags": sorted(f for f in flags if "bf16" in f),

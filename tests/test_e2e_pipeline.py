@@ -371,7 +371,7 @@ def test_a_killed_auto_precision_run_resumes_with_its_own_decisions_after_the_ti
     base, repo, env = project
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
-    params["train"].update({"precision": "auto", "max_steps": 400, "checkpoint_every": 2, "val_every": 1000})
+    params["train"].update({"precision": "auto", "max_steps": 120, "checkpoint_every": 2, "val_every": 1000})
     cache = base / "timings.json"
     env = {**env, "SDVAE_TIMING_CACHE": str(cache)}
     try:
@@ -393,11 +393,14 @@ def test_a_killed_auto_precision_run_resumes_with_its_own_decisions_after_the_ti
         proc.wait()
         decided = json.loads((repo / "checkpoints" / "run.json").read_text())["precision"]
         assert decided in ("32", "bf16-mixed") and cache.is_file()
+        stale = repo / "checkpoints" / "stale"  # the new params set the fixture's run aside, once
+        aside = sorted(p.name for p in stale.iterdir())
+        assert len(aside) == 1
         cache.unlink()
         _run(["dvc", "repro", "train"], repo, {**env, "ONEDNN_MAX_CPU_ISA": "AVX2"})
         run = json.loads((repo / "models/train/run.json").read_text())
-        assert run["resumed"] and run["precision"] == decided and run["windows"] == 400
+        assert run["resumed"] and run["precision"] == decided and run["windows"] == 120
         assert "precision_timing" not in run and not cache.exists()  # nothing was timed
-        assert not (repo / "checkpoints" / "stale").exists()
+        assert sorted(p.name for p in stale.iterdir()) == aside  # the resume set nothing aside
     finally:
         (repo / "params.yaml").write_text(original)

@@ -191,3 +191,17 @@ def test_a_checkpoint_from_before_lecam_debiasing_resumes_with_its_anchors_as_th
     # anchors stay 0.5 / -0.5 (one more EMA update of the same values): (0.5 + 0.5)^2 twice; with the
     # anchors 100x too large (-50 / 50) it came to 50.5^2 twice, about 5,100
     assert float(logs["lecam_reg"]) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_latent_noise_is_off_at_zero_and_scaled_per_sample_to_the_latent_spread():
+    from sdvae.training.latent_noise import perturb_latents
+
+    torch.manual_seed(0)
+    z = torch.randn(64, 4, 8, 8) * torch.tensor([1.0, 2.0, 4.0, 8.0]).view(1, 4, 1, 1)
+    assert perturb_latents(z, 0.0) is z
+    noise = perturb_latents(z, 0.5) - z
+    ratio = noise.std(dim=(0, 2, 3)) / z.std(dim=(0, 2, 3))  # follows each channel's spread
+    # sigma ~ U(0, 0.5) per sample: the noise's std is 0.5 / sqrt(3) ~ 0.29 of the channel's
+    assert torch.allclose(ratio, torch.full((4,), 0.5 / 3**0.5), rtol=0.15)
+    per_sample = noise.std(dim=(1, 2, 3)) / z.std()
+    assert per_sample.max() > 2 * per_sample.min()  # each sample its own scale, some near clean

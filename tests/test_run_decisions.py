@@ -216,3 +216,28 @@ def test_sdvae_info_retime_forgets_this_machines_timings(tmp_path, monkeypatch):
         entry["calibration"] = {"32": 1.3}
     assert main(["info", "--params", str(params), "--retime"]) == 0
     assert timing_cache.read_entry(key) == {}
+
+
+def test_sdvae_info_shows_what_was_timed_for_an_init_from_run(tmp_path, monkeypatch, capsys):
+    """It said "timed at the start of training" for every init_from run: now it looks up the
+    loaded model's workload, as training does."""
+    from sdvae.cli import main
+    from sdvae.config import load_config
+    from sdvae.formats.diffusers import save_diffusers
+    from sdvae.models.autoencoder_kl import AutoencoderKL
+    from sdvae.training.starting import starting_autoencoder
+
+    monkeypatch.setenv("SDVAE_TIMING_CACHE", str(tmp_path / "timings.json"))
+    save_diffusers(AutoencoderKL.from_preset("tiny", block_out_channels=(16, 32), norm_num_groups=8), tmp_path / "vae")
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"train:\n  init_from: {tmp_path / 'vae'}\n  max_steps: null\n  time_budget_s: 10\n"
+        "  precision: '32'\n  accelerator: cpu\nloss:\n  disc_factor: 0.0\n"
+    )
+    cfg = load_config(params)
+    with timing_cache.locked_entry(measured._cache_key(cfg, starting_autoencoder(cfg))) as entry:
+        entry["step_s"] = {"32": dict(PHASE_S)}
+        entry["calibration"] = {"32": 1.0}
+    assert main(["info", "--params", str(params)]) == 0
+    shown = json.loads(capsys.readouterr().out)["measured_here"]
+    assert shown["precision"] == "32" and shown["plan"]["calibration"] == 1.0

@@ -21,8 +21,8 @@ A cached calibration is checked against the run's own windows 5-20: when the two
 than `CALIBRATION_TOLERANCE` (a calibration taken on a busy machine, or a machine that changed),
 the run re-plans from its own timing and the cache keeps the new figure, with when and how it
 was taken. Under DDP, global rank 0 decides and broadcasts at fixed points that every rank
-reaches alike, whatever each rank's local cache holds (`run.RunDecisions` first hands every rank
-rank 0's timings).
+reaches alike, whatever each rank's local cache holds (`run.RunBookkeeping.setup` first hands every
+rank rank 0's timings).
 """
 
 from __future__ import annotations

@@ -83,9 +83,8 @@ def read_entry(key: str) -> dict[str, Any]:
 
 
 @contextmanager
-def locked_entry(key: str) -> Iterator[dict[str, Any]]:
-    """The entry for `key`, held under a file lock so processes on one machine (DDP ranks) measure
-    once: the first measures and writes, the next finds the result. Changes are written on exit."""
+def _locked_cache() -> Iterator[dict[str, Any]]:
+    """The whole cache under its file lock; written back on exit when the caller changed it."""
     path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -93,26 +92,25 @@ def locked_entry(key: str) -> Iterator[dict[str, Any]]:
             everything = json.loads(path.read_text())
         except (OSError, ValueError):
             everything = {}
-        entry = dict(everything.get(key, {}))
-        before = json.dumps(entry, sort_keys=True)
-        yield entry
-        if json.dumps(entry, sort_keys=True) != before:
-            everything[key] = entry
+        before = json.dumps(everything, sort_keys=True)
+        yield everything
+        if json.dumps(everything, sort_keys=True) != before:
             write_json(path, everything)
 
 
+@contextmanager
+def locked_entry(key: str) -> Iterator[dict[str, Any]]:
+    """The entry for `key`, held under a file lock so processes on one machine (DDP ranks) measure
+    once: the first measures and writes, the next finds the result. Changes are written on exit."""
+    with _locked_cache() as everything:
+        entry = dict(everything.get(key, {}))
+        before = json.dumps(entry, sort_keys=True)
+        yield entry
+        if json.dumps(entry, sort_keys=True) != before:  # an entry looked at only adds nothing
+            everything[key] = entry
+
+
 def forget_entry(key: str) -> bool:
-    """Remove the entry for `key`; whether there was one."""
-    path = cache_file()
-    if not path.is_file():
-        return False
-    with FileLock(str(path) + ".lock"):
-        try:
-            everything = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return False
-        if key not in everything:
-            return False
-        del everything[key]
-        write_json(path, everything)
-        return True
+    """Remove the entry for `key` (written back by `_locked_cache`); whether there was one."""
+    with _locked_cache() as everything:
+        return everything.pop(key, None) is not None

@@ -660,3 +660,29 @@ def test_decoder_only_fine_tune_leaves_encoder_and_latents_bit_identical(caches,
     with torch.no_grad():
         assert torch.equal(start.eval().encode(x).mode(), tuned.eval().encode(x).mode())
         assert torch.equal(start.encode(x).std, tuned.encode(x).std)
+
+
+def test_semi_amortised_encoding_trains_with_its_encoder_loss_logged(caches, tmp_path):
+    cfg, paths = make(caches, tmp_path, loss={"refine_steps": 2}, train={"max_steps": 6, "log_every": 1})
+    result = train(cfg, paths)
+    assert result["windows"] == 6
+    run = mlflow.MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
+    assert run.data.params["loss.refine_steps"] == "2"
+    assert "train/refine_loss" in run.data.metrics and run.data.metrics["train/refine_loss"] > 0
+
+
+def test_multi_size_training_feeds_each_batch_at_one_drawn_size(caches, tmp_path, monkeypatch):
+    from sdvae.training.module import VAEGANModule
+
+    seen: list[tuple[int, int]] = []
+    step = VAEGANModule.training_step
+
+    def recording(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        seen.append((batch.shape[0], batch.shape[-1]))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(VAEGANModule, "training_step", recording)
+    cfg, paths = make(caches, tmp_path, train={"max_steps": 12, "crop_sizes": [32, 64]})
+    assert train(cfg, paths)["windows"] == 12
+    # batch_size 4 at 32 px; a 64-px batch holds the same pixels: one image
+    assert set(seen) == {(4, 32), (1, 64)}, seen

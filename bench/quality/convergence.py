@@ -105,6 +105,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     # encoder's small misses: train it on latents perturbed around the encoder's aim
     "latent_noise_0.25": {"loss.latent_noise": 0.25},
     "latent_noise_0.5": {"loss.latent_noise": 0.5},
+    "latent_noise_0.1": {"loss.latent_noise": 0.1},
+    # the encoder's aim sets most of the floor: pull it towards latents 3 Adam steps through the
+    # decoder found for its own batch (semi-amortised encoding)
+    "refine_3": {"loss.refine_steps": 3},
+    # 64-px crops are 8x8 latents (28 of 64 positions on a border, GroupNorm over that grid); the
+    # scored 128 and 256 px are not: batches at 64, 96 or 128 px, each at the same pixels
+    "sizes_64_96_128": {"train.crop_sizes": [64, 96, 128]},
+    # the geometry this project's seed came from (LDM kl-f4): 4x downsampling, 3 channels; scored
+    # against the bicubic of its own latent size (4x down, not 8x)
+    "f4c3": {"model.block_out_channels": [32, 64, 128], "model.latent_channels": 3},
 }
 
 
@@ -177,6 +187,7 @@ def run_one(
         cfg.train.seed,
         cfg.data.smooth_share,
         cfg.data.recolor_share,
+        cfg.train.crop_sizes,
     )
     curve = QualityCurve(eval_dir, every, lpips_net)
     trainer = L.Trainer(
@@ -278,6 +289,9 @@ def main() -> None:
     parser.add_argument("--plot", default=str(ROOT / "metrics/convergence.png"))
     parser.add_argument("--save-models", default=None, help="folder for each run's EMA model (diffusers)")
     parser.add_argument("--loader", choices=LOADERS, default="current")
+    parser.add_argument(
+        "--precision", default=None, help="train.precision for every run (default: params.yaml's, `auto` is timed)"
+    )
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
@@ -288,6 +302,8 @@ def main() -> None:
     if args.loader == "legacy":
         use_legacy_loader()  # bench/speed/legacy_loader.py
     base = yaml.safe_load(Path(args.params).read_text())
+    if args.precision:  # runs side by side would time `auto` against each other
+        base["train"]["precision"] = args.precision
     # a budgeted default (max_steps null) is compared at its reference length: the same windows for every recipe
     steps = args.steps or base["train"]["max_steps"] or base["train"]["plan_steps"]
     train_dir, eval_dir, runs_file = Path(args.train), Path(args.eval), Path(args.runs)

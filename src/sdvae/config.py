@@ -102,6 +102,11 @@ class LossConfig:
     # Decoder robustness (training/latent_noise.py): the decoded latent gets Gaussian noise of a
     # per-sample scale drawn from [0, latent_noise] latent stds. 0 = off.
     latent_noise: float = num(0.0, ge=0.0, le=4.0)
+    # Semi-amortised encoding (training/latent_refine.py): Adam steps on the batch's latents through
+    # the decoder (`refine_lr` latent stds per step), then an encoder loss towards them. 0 = off.
+    refine_steps: int = num(0, ge=0, le=50)
+    refine_lr: float = num(0.05, gt=0.0, le=1.0)
+    refine_weight: float = num(1.0, ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,9 @@ class TrainConfig:
     seed: int = num(0, ge=0)
     compile: bool = False  # torch.compile the encoder, decoder trunk, discriminator and LPIPS
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # multi-size training (data/crop_sizes.py): each batch at one of these sizes, shrunk to the
+    # pixels of `batch_size` crops at `resolution`; null = every batch at `resolution`
+    crop_sizes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -405,11 +413,26 @@ def _check_config(cfg: Config) -> None:
             "train.max_steps: null plans the run to train.time_budget_s, which must then be > 0 "
             f"(got {cfg.train.time_budget_s}); set train.max_steps to a number of windows or give a budget"
         )
+    _check_crop_sizes(cfg)
     lo, _ = cfg.data.train_short_side
     if lo < cfg.train.resolution:
         raise ConfigError(
             f"data.train_short_side: min {lo} must be >= train.resolution "
             f"{cfg.train.resolution} (crops are taken after resizing the short side)"
+        )
+
+
+def _check_crop_sizes(cfg: Config) -> None:
+    sizes, t = cfg.train.crop_sizes, cfg.train
+    if sizes is None:
+        return
+    # with init_from the architecture comes from that folder: its factor is checked when it loads
+    factor = _downsample_factor(cfg.model) if t.init_from is None else 1
+    if not sizes or any(s < t.resolution or s % factor for s in sizes):
+        raise ConfigError(
+            f"train.crop_sizes: expected null or sizes >= train.resolution {t.resolution}"
+            + (f", each a multiple of the model's downsampling factor {factor}" if factor > 1 else "")
+            + f", got {list(sizes)}"
         )
 
 

@@ -29,6 +29,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
+from sdvae.data.crop_sizes import BatchSizes, keep_drawn_images
 from sdvae.data.encoding import decode, decode_resized, stored_size
 from sdvae.data.images import resize_to, short_side_size
 from sdvae.data.prepare import FORMAT, MANIFEST
@@ -89,6 +90,7 @@ class TrainImages(StreamingDataset):
         stream_cache: str | None = None,
         smooth_share: float = 0.0,
         recolor_share: float = 0.0,
+        batch_sizes: BatchSizes | None = None,
     ) -> None:
         manifest = read_manifest(root)
         source = manifest.get("remote") or str(Path(root).resolve())  # data.cache_uri: streamed
@@ -96,10 +98,18 @@ class TrainImages(StreamingDataset):
         super().__init__(source, shuffle=shuffle, drop_last=True, seed=seed, cache_dir=stream_cache)
         self.resolution, self.short_side, self.return_ids = resolution, short_side, return_ids
         self.smooth_share, self.recolor_share = smooth_share, recolor_share
+        self.batch_sizes = batch_sizes  # train.crop_sizes: each batch one drawn size
 
     def __getitem__(self, index: Any) -> torch.Tensor | tuple[torch.Tensor, str]:
         sample = super().__getitem__(index)
-        img = random_crop_encoded(sample["image"], self.resolution, self.short_side)
+        size = self.resolution
+        if self.batch_sizes is not None:
+            info = torch.utils.data.get_worker_info()
+            size, kept = self.batch_sizes.next_item(info.id if info is not None else 0)
+            if not kept:  # dropped after transfer: not worth decoding
+                placeholder = torch.zeros(3, size, size, dtype=torch.uint8)
+                return (placeholder, f"{sample['name']}#{sample['copy']}") if self.return_ids else placeholder
+        img = random_crop_encoded(sample["image"], size, self.short_side)
         out = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # a writable copy
         out = out.flip(-1) if torch.rand(()) < 0.5 else out
         if self.smooth_share > 0 and torch.rand(()) < self.smooth_share:
@@ -176,9 +186,11 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         smooth_share: float = 0.0,
         recolor_share: float = 0.0,
+        crop_sizes: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.smooth_share, self.recolor_share = smooth_share, recolor_share
+        self.crop_sizes = crop_sizes
         self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resolution, self.short_side, self.seed = resolution, short_side, seed
@@ -200,6 +212,9 @@ class ImageDataModule(L.LightningDataModule):
             self.seed,
             smooth_share=self.smooth_share,
             recolor_share=self.recolor_share,
+            batch_sizes=BatchSizes(self.crop_sizes, self.batch_size, self.resolution, self.seed)
+            if self.crop_sizes
+            else None,
         )
         val = EvalImages(self.val_dir)
         self.val_set = Subset(val, range(min(self.val_images, val.manifest["count"])))
@@ -222,4 +237,6 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=0)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        if self.crop_sizes and self.trainer is not None and self.trainer.training:
+            batch = keep_drawn_images(batch, self.batch_size, self.resolution)
         return to_model_range(batch)

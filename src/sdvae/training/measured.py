@@ -67,6 +67,9 @@ def workload(cfg: Config, autoencoder: AutoencoderKL) -> dict[str, Any]:
         "strategy": t.strategy,
         # the equivariance pair is an extra decode and LPIPS on this share of the steps
         "equivariance": [cfg.loss.equivariance, list(cfg.loss.equivariance_scale), cfg.loss.equivariance_rotate],
+        # semi-amortised encoding: a decode forward and backward per refinement step
+        "refine_steps": cfg.loss.refine_steps,
+        "crop_sizes": list(cfg.train.crop_sizes or []),
     }
 
 

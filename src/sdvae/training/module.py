@@ -28,6 +28,7 @@ from sdvae.models.discriminator import NLayerDiscriminator
 from sdvae.training.compiling import compile_for_training
 from sdvae.training.equivariance import EquivarianceSchedule
 from sdvae.training.latent_noise import perturb_latents
+from sdvae.training.latent_refine import refine_latents, refine_loss
 from sdvae.training.plan import TrainingPlan, initial_plan
 from sdvae.training.stepping import Trained, finish_window
 
@@ -223,6 +224,14 @@ class VAEGANModule(L.LightningModule):
         with torch.autocast(batch.device.type, enabled=False):
             return self.loss.equivariance(target, decoded.float(), batch[0].numel(), self.perceptual_active)
 
+    def refine_term(self, batch: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """Semi-amortised encoding: the encoder's mean pulled towards latents a few Adam steps
+        through the decoder moved closer to this batch (training/latent_refine.py)."""
+        c = self.cfg.loss
+        refined = refine_latents(self.autoencoder.decode, mean, batch, c.refine_steps, c.refine_lr)
+        with torch.autocast(batch.device.type, enabled=False):
+            return c.refine_weight * refine_loss(mean, refined, batch[0].numel())
+
     # -- training --------------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         t = self.cfg.train
@@ -252,6 +261,8 @@ class VAEGANModule(L.LightningModule):
             self._eq_window = transform is not None
             if transform is not None:
                 terms = terms.plus(self.equivariance_term(batch, posterior, transform), "eq_loss")
+            if self.cfg.loss.refine_steps > 0:
+                terms = terms.plus(self.refine_term(batch, posterior.mean), "refine_loss")
             logs.update(terms.logs)
             self.window_bad = self.window_bad + (~(torch.isfinite(terms.loss) & torch.isfinite(terms.backward))).float()
             self.manual_backward(terms.backward / k)

@@ -246,6 +246,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         cfg.train.seed,
         cfg.data.smooth_share,
         cfg.data.recolor_share,
+        cfg.train.crop_sizes,
     )
     uri, artifacts = resolve_store(cfg.tracking.uri)
     with store_lock(uri):  # the logger opens the store (and may create the schema) right here

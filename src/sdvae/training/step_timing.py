@@ -22,6 +22,7 @@ from sdvae.config import Config
 from sdvae.losses import VAEGANLoss
 from sdvae.models.autoencoder_kl import AutoencoderKL
 from sdvae.models.discriminator import NLayerDiscriminator
+from sdvae.training.latent_refine import refine_latents, refine_loss
 
 PHASES = ("pixel", "perceptual", "gan")  # before perceptual_start, before disc_start, after
 AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -43,6 +44,7 @@ def make_step(
     opt_g = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=1e-6)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-6)
     last = ae.decoder.conv_out.weight
+    refine = cfg.loss.refine_steps
 
     def step(precision: str, phase: str) -> None:
         dtype = AUTOCAST_DTYPES[precision]
@@ -53,7 +55,11 @@ def make_step(
             xrec, posterior = ae(batch, sample_posterior=True)
             logits = disc(xrec) if gan else None
             terms = loss.generator(batch, xrec, posterior, logits, last if gan else None, phase != "pixel")
-            terms.backward.backward()
+            backward = terms.backward
+            if refine:  # semi-amortised encoding: its inner decodes are part of the step
+                target = refine_latents(ae.decode, posterior.mean, batch, refine, cfg.loss.refine_lr)
+                backward = backward + refine_loss(posterior.mean, target, batch[0].numel())
+            backward.backward()
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         if gan:

@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdvae.training import timing_cache
 from sdvae.training.precision import BF16_MARGIN, choose, cpu_flags, resolve_without_measuring
@@ -101,3 +103,21 @@ def test_auto_picks_fp32_where_bf16_is_emulated_whatever_the_flags_say(tmp_path)
     assert again["from_cache"] and again == {**capped, "from_cache": True}
     native = _probe({}, cache)
     assert not native["from_cache"] and len(json.loads(cache.read_text())) == 2
+
+
+def test_a_precision_hopelessly_slower_in_the_warm_up_is_not_timed_further():
+    from sdvae.training.step_timing import HOPELESS_FACTOR, time_step_variants
+
+    calls: list[tuple[str, str]] = []
+    cost = {"32": 0.002, "bf16-mixed": 0.002 * (HOPELESS_FACTOR + 4), "16-mixed": 0.004}
+
+    def step(precision: str, phase: str) -> None:
+        calls.append((precision, phase))
+        time.sleep(cost[precision] * (2 if phase == "gan" else 1))
+
+    out = time_step_variants(step, [(p, ph) for p in cost for ph in ("perceptual", "gan")], torch.device("cpu"))
+    # warm-up once each, then 3 rounds for the two that can win; the emulated-bf16-like one stops
+    assert calls.count(("bf16-mixed", "perceptual")) == 1 and calls.count(("bf16-mixed", "gan")) == 1
+    assert calls.count(("32", "gan")) == 4 and calls.count(("16-mixed", "perceptual")) == 4
+    assert out["bf16-mixed"]["gan"] > HOPELESS_FACTOR * out["32"]["gan"]  # its warm-up time, still slower
+    assert set(out) == set(cost) and all(set(v) == {"perceptual", "gan"} for v in out.values())

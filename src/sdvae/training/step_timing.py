@@ -73,6 +73,12 @@ def make_step(
     return step
 
 
+# A variant whose warm-up step takes this many times the fastest warm-up is not timed further:
+# bf16 without native support (AVX2-only CPUs) ran ~25x slower than fp32, and its rounds alone
+# cost minutes of every run's start; a one-time first-call overhead stays far below this.
+HOPELESS_FACTOR = 8.0
+
+
 def time_step_variants(
     step: Callable[[str, str], None],
     variants: Iterable[tuple[str, str]],
@@ -80,20 +86,30 @@ def time_step_variants(
     rounds: int = 3,
     warmup: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Median seconds per step: {precision: {phase: seconds}}, variants interleaved."""
+    """Median seconds per step: {precision: {phase: seconds}}, variants interleaved. A variant
+    `HOPELESS_FACTOR` x slower in the warm-up than the fastest of its phase keeps its warm-up
+    time (it cannot win) instead of running its rounds."""
     variants = list(variants)
     samples: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    first: dict[tuple[str, str], float] = {}
+    active = list(variants)
     for r in range(warmup + rounds):
-        for v in variants:
+        for v in active:
             _sync(device)
             t0 = time.perf_counter()
             step(*v)
             _sync(device)
+            elapsed = time.perf_counter() - t0
             if r >= warmup:
-                samples[v].append(time.perf_counter() - t0)
+                samples[v].append(elapsed)
+            elif r == warmup - 1:
+                first[v] = elapsed
+        if r == warmup - 1:  # against the fastest precision of the same phase
+            fastest = {ph: min(t for (_, p), t in first.items() if p == ph) for _, ph in first}
+            active = [v for v in active if first[v] <= HOPELESS_FACTOR * fastest[v[1]]]
     out: dict[str, dict[str, float]] = {}
     for (precision, phase), times in samples.items():
-        out.setdefault(precision, {})[phase] = round(statistics.median(times), 6)
+        out.setdefault(precision, {})[phase] = round(statistics.median(times or [first[(precision, phase)]]), 6)
     return out
 
 

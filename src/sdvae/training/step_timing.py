@@ -73,7 +73,7 @@ def make_step(
     return step
 
 
-# A variant whose warm-up step takes this many times the fastest warm-up is not timed further:
+# A variant whose warm-up step takes this many times the fastest of its phase is not timed further:
 # bf16 without native support (AVX2-only CPUs) ran ~25x slower than fp32, and its rounds alone
 # cost minutes of every run's start; a one-time first-call overhead stays far below this.
 HOPELESS_FACTOR = 8.0

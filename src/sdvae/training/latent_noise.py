@@ -14,12 +14,17 @@ from __future__ import annotations
 import torch
 
 
+def channel_spread(z: torch.Tensor) -> torch.Tensor:
+    """Each latent channel's std over the batch and positions (N=1, C, 1, 1), in float32."""
+    return z.detach().float().std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+
+
 def perturb_latents(z: torch.Tensor, max_scale: float) -> torch.Tensor:
     """`z` plus Gaussian noise of std `sigma_i x std_c` (sigma_i ~ U(0, max_scale) per sample,
     std_c the channel's std over the batch); `z` itself when `max_scale` is 0."""
     if max_scale <= 0:
         return z
     with torch.no_grad():
-        spread = z.float().std(dim=(0, 2, 3), keepdim=True, unbiased=False).to(z.dtype)
+        spread = channel_spread(z).to(z.dtype)
         sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device, dtype=z.dtype) * max_scale
     return z + sigma * spread * torch.randn_like(z)

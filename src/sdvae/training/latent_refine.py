@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from sdvae.training.latent_noise import channel_spread
+
 
 def refine_latents(
     decode: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, x: torch.Tensor, steps: int, lr: float
@@ -25,13 +27,13 @@ def refine_latents(
     stds per step" whatever the latent scale; only the latent gets gradients, never the decoder's
     weights."""
     start = z0.detach().float()
-    spread = start.std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
+    spread = channel_spread(start).clamp_min(1e-6)
     offset = torch.zeros_like(start, requires_grad=True)
     opt = torch.optim.Adam([offset], lr=lr)
-    target = x.detach()
+    target = x.detach().float()
     for _ in range(steps):
         z = start + spread * offset
-        loss = (decode(z).float() - target.float()).pow(2).mean(dim=(1, 2, 3)).sum()
+        loss = (decode(z).float() - target).pow(2).mean(dim=(1, 2, 3)).sum()
         (grad,) = torch.autograd.grad(loss, offset)
         offset.grad = grad
         opt.step()
@@ -43,5 +45,5 @@ def refine_loss(mean: torch.Tensor, refined: torch.Tensor, values_per_sample: in
     latent elements and scaled to a per-sample sum over `values_per_sample` pixel values: the
     reconstruction term's scale, so `loss.refine_weight` 1 weighs a 1-std miss like a pixel error
     of 1 on every value."""
-    spread = refined.float().std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
+    spread = channel_spread(refined).clamp_min(1e-6)
     return ((mean.float() - refined.float()) / spread).pow(2).mean() * values_per_sample

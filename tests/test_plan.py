@@ -12,7 +12,15 @@ import torch
 
 from sdvae.config import config_from_dict
 from sdvae.training.module import VAEGANModule, lr_lambda
-from sdvae.training.plan import MIN_WINDOWS, TrainingPlan, budget_plan, phase_shares, round_down
+from sdvae.training.plan import (
+    MIN_WINDOWS,
+    TrainingPlan,
+    budget_plan,
+    initial_plan,
+    phase_shares,
+    round_down,
+    run_shares,
+)
 from sdvae.training.run import train
 from tests.test_training import caches, make  # noqa: F401 - the module-scoped photo caches
 
@@ -241,6 +249,39 @@ def test_a_100_window_plan_scales_the_warmup_and_the_cosine_still_decays():
     tiny = scaled_plan(_cfg(warmup_steps=50, plan_steps=40), 12)  # scaled past the run: capped at a quarter
     assert tiny.warmup == 3
     assert scaled_plan(_cfg(warmup_steps=1, plan_steps=1600), 100).warmup == 1  # a warm-up never vanishes
+
+
+def test_scale_schedule_replays_a_budgeted_plan_of_that_length_without_timing():
+    """A budgeted run's window count depends on the machine (580 windows on one CPU, 270 on
+    another for the same 720 s); `scale_schedule` trains a given count with the schedule that
+    budgeted plan had, so seeds and variants run on other machines compare with it."""
+    cfg = _cfg(val_every=100, checkpoint_every=50, warmup_steps=50)
+    budgeted = budget_plan(cfg, {"pixel": 0.05, "perceptual": 0.1, "gan": 0.2}, calibration=1.0)
+    replay = initial_plan(_cfg(val_every=100, checkpoint_every=50, warmup_steps=50, max_steps=budgeted.windows,
+                               scale_schedule=True))  # fmt: skip
+    fields = ("windows", "disc_start", "perceptual_start", "val_every", "checkpoint_every", "scale", "warmup")
+    assert [getattr(replay, f) for f in fields] == [getattr(budgeted, f) for f in fields]
+    assert (replay.budgeted, replay.final, replay.window_s) == (False, True, None)
+    assert run_shares(_cfg(max_steps=budgeted.windows, scale_schedule=True)) == run_shares(cfg)
+    # without it, an explicit count keeps the schedule as written (the GAN would never start here)
+    written = initial_plan(_cfg(max_steps=budgeted.windows, warmup_steps=50))
+    assert (written.disc_start, written.perceptual_start, written.warmup) == (800, 100, 50)
+    assert run_shares(_cfg(max_steps=budgeted.windows))["gan"] == pytest.approx(0.07, abs=0.01)
+
+
+@pytest.mark.slow
+def test_a_replayed_plan_trains_its_scaled_schedule(caches, tmp_path):  # noqa: F811
+    cfg, paths = make(
+        caches,
+        tmp_path,
+        loss={"disc_start": 30},
+        train={"max_steps": 8, "plan_steps": 40, "scale_schedule": True, "precision": "32", "log_every": 1},
+    )
+    result = train(cfg, paths)
+    plan = result["plan"]
+    assert (plan["windows"], plan["disc_start"], plan["budgeted"]) == (8, 6, False)
+    g, d = TrainingPlan(8, 6, 0, 1, 1).optimizer_steps(cfg.train.gan_schedule, True)
+    assert (result["g_steps"], result["d_steps"]) == (g, d) and d > 0
 
 
 class _Strategy:

@@ -126,6 +126,9 @@ class TrainConfig:
     # val_every, checkpoint_every, the LR schedule's length) is scaled by planned / plan_steps.
     time_budget_s: float = num(0.0, ge=0.0)
     plan_steps: int = num(1000, ge=1)  # the run length the step-valued params are written for
+    # explicit max_steps with the step-valued schedule scaled by max_steps / plan_steps, as a budgeted
+    # plan of that length scales it: replays another machine's budgeted run without timing
+    scale_schedule: bool = False
     accumulate_grad_batches: int = num(1, ge=1)
     lr: float = num(2e-4, gt=0.0)
     disc_lr: float | None = num(None, gt=0.0)

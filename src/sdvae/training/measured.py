@@ -13,7 +13,7 @@ from torch import nn
 
 from sdvae.config import Config
 from sdvae.models.autoencoder_kl import AutoencoderKL
-from sdvae.training.plan import BudgetPlanner, budget_plan, phase_shares
+from sdvae.training.plan import BudgetPlanner, budget_plan, run_shares
 from sdvae.training.precision import (
     BF16_MARGIN,
     CPU_CANDIDATES,
@@ -115,7 +115,7 @@ def measure_setup(
     key = _cache_key(cfg, autoencoder)
     precisions = list(CPU_CANDIDATES) if fixed is None else [fixed]
     phases = phases_in_run(cfg)
-    shares = phase_shares(cfg, t.max_steps or t.plan_steps)
+    shares = run_shares(cfg)
     with locked_entry(key) as entry:  # DDP ranks on one machine: the first measures, the rest read
         step_s = entry.setdefault("step_s", {})
         todo = _missing(step_s, precisions, phases)
@@ -161,7 +161,7 @@ def cached_decision(cfg: Config, autoencoder: AutoencoderKL) -> dict[str, Any]:
         if _missing(step_s, list(CPU_CANDIDATES), phases_in_run(cfg)):
             out["precision"] = "not timed on this machine yet: training times it first (a few seconds)"
         else:
-            out.update(choose(step_s, phase_shares(cfg, t.max_steps or t.plan_steps), True).as_record())
+            out.update(choose(step_s, run_shares(cfg), True).as_record())
     else:
         out["precision"] = fixed
     if t.max_steps is None:

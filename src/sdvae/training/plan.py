@@ -113,6 +113,8 @@ def scaled_plan(cfg: Config, windows: int, **measured: Any) -> TrainingPlan:
 def initial_plan(cfg: Config) -> TrainingPlan:
     """A fixed run's plan, or a budgeted run's provisional one (its reference length, unscaled)."""
     if cfg.train.max_steps is not None:
+        if cfg.train.scale_schedule:  # a budgeted plan of max_steps windows, replayed without timing
+            return dataclasses.replace(scaled_plan(cfg, cfg.train.max_steps), budgeted=False)
         return fixed_plan(cfg)
     return dataclasses.replace(scaled_plan(cfg, cfg.train.plan_steps), final=False)
 
@@ -134,6 +136,13 @@ def phase_shares(cfg: Config, total: int) -> dict[str, float]:
     shares = {"pixel": pixel, "perceptual": max(0.0, 1.0 - pixel - gan), "gan": gan}
     shares["gan"] *= gan_window_weight(cfg)
     return shares
+
+
+def run_shares(cfg: Config) -> dict[str, float]:
+    """The phase shares of the run as it will be planned: a scaled schedule (budgeted, or
+    `scale_schedule`) keeps the shares it has at `plan_steps`; a fixed one has them at `max_steps`."""
+    t = cfg.train
+    return phase_shares(cfg, t.plan_steps if t.max_steps is None or t.scale_schedule else t.max_steps)
 
 
 def round_down(n: int, digits: int = 2) -> int:

@@ -111,7 +111,8 @@ def scaled_plan(cfg: Config, windows: int, **measured: Any) -> TrainingPlan:
 
 
 def initial_plan(cfg: Config) -> TrainingPlan:
-    """A fixed run's plan, or a budgeted run's provisional one (its reference length, unscaled)."""
+    """A fixed run's plan (as written, or scaled by `scale_schedule`), or a budgeted run's
+    provisional one (its reference length, unscaled)."""
     if cfg.train.max_steps is not None:
         if cfg.train.scale_schedule:  # a budgeted plan of max_steps windows, replayed without timing
             return dataclasses.replace(scaled_plan(cfg, cfg.train.max_steps), budgeted=False)

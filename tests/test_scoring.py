@@ -270,3 +270,39 @@ def test_trace_of_the_covariance_product_root_equals_scipy_sqrtm(images):
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     reference = float(np.trace(np.real(linalg.sqrtm(s1 @ s2))))
     assert trace_sqrt_product(s1, s2) == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.cpu_paths
+@pytest.mark.parametrize("images", [(8, 8), (5, 40), (300, 300)])  # below the dimension, unequal sides
+def test_the_trace_from_features_equals_the_trace_from_their_covariances(images):
+    from sdvae.scoring.features import trace_sqrt_product, trace_sqrt_product_of_features
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((images[0], 512)) + 3.0
+    b = rng.standard_normal((images[1], 512)) * 0.5
+    b[: min(images)] += 0.7 * a[: min(images)]
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert trace_sqrt_product_of_features(a, b) == pytest.approx(trace_sqrt_product(s1, s2), rel=1e-6)
+
+
+def test_frechet_distance_takes_the_feature_route_only_with_every_images_features(monkeypatch):
+    import torch
+
+    import sdvae.scoring.features as features
+
+    rng = np.random.default_rng(2)
+    stats = []
+    for n in (12, 9):
+        f = torch.from_numpy(rng.standard_normal((n, features.FEATURES)).astype(np.float32)).double()
+        s = features.FeatureStats()
+        s.update(f, torch.arange(n))
+        stats.append(s.compute())
+    routes = []
+    for name in ("trace_sqrt_product", "trace_sqrt_product_of_features"):
+        real = getattr(features, name)
+        monkeypatch.setattr(features, name, lambda *x, real=real, name=name: routes.append(name) or real(*x))
+    by_features = features.frechet_distance(*stats)
+    partial = {**stats[1], "kid_features": stats[1]["kid_features"][:5]}  # a capped KID sample: covariances
+    by_covariances = features.frechet_distance(stats[0], partial)
+    assert routes == ["trace_sqrt_product_of_features", "trace_sqrt_product"]
+    assert by_features == pytest.approx(by_covariances, rel=1e-6)

@@ -97,8 +97,8 @@ def trace_sqrt_product_of_features(a: np.ndarray, b: np.ndarray) -> float:
 
     With centred A and B, S1 S2 = A'A B'B / k (k = (N1-1)(N2-1)), whose non-zero eigenvalues are
     those of M M' for M = A B' (N1 x N2): the trace is M's nuclear norm over sqrt(k), exactly.
-    Below D images per side that is one small SVD instead of two D x D eigendecompositions
-    (bench/quality/fid_trace.py), which is every eval set scored on a laptop.
+    Below D images per side that is one small SVD instead of two D x D eigendecompositions,
+    timed against them in bench/quality/fid_trace.py.
     """
     a_c, b_c = a - a.mean(axis=0), b - b.mean(axis=0)
     singular = np.linalg.svd(a_c @ b_c.T, compute_uv=False)
@@ -117,8 +117,7 @@ def frechet_distance(real: dict[str, object], fake: dict[str, object]) -> float 
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), in float64; None with fewer than 2 images.
 
     The cross term comes from the features themselves where every image's are kept and one side
-    has fewer images than dimensions (exact, and seconds instead of tens on 2048-d), else from
-    the covariances."""
+    has fewer images than dimensions (exact, and far cheaper there), else from the covariances."""
     if min(int(real["n"]), int(fake["n"])) < 2:  # type: ignore[call-overload]
         return None
     mu1, mu2 = (np.asarray(s["mean"].cpu(), dtype=np.float64) for s in (real, fake))  # type: ignore[union-attr]

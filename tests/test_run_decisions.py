@@ -4,12 +4,14 @@ timing differed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from sdvae.training import measured, timing_cache
@@ -61,6 +63,33 @@ def test_a_resumed_run_keeps_its_precision_and_plan_whatever_the_timing_says(cac
     aside = Path(fresh["checkpoints_set_aside"])
     assert aside.parent == paths.checkpoints / "stale" and (aside / "last.ckpt").read_bytes() == last
     assert json.loads((aside / "run.json").read_text())["precision"] == "bf16-mixed"
+
+
+def test_a_resume_continues_its_mlflow_run_where_the_run_is_whatever_the_store_resolves_to(caches, tmp_path, capsys):  # noqa: F811
+    """A queued experiment's copy resumed with `dvc repro` resolves the default store to the copy,
+    not to the workspace that holds the run; MLflow raised on the unknown run id and the resume
+    failed. The run's record decides where the run is. A run no store holds any more (its
+    database deleted) gets a new run in today's store; the weights resume either way."""
+    train_params = {"max_steps": 2, "checkpoint_every": 1, "precision": "32", "accelerator": "cpu"}
+    cfg, paths = make(caches, tmp_path, train=train_params)
+    first = train(cfg, paths)
+    elsewhere = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=f"sqlite:///{tmp_path}/b.db"))
+
+    resumed = train(elsewhere, paths)
+    assert resumed["resumed"] and resumed["windows"] == 2
+    assert (resumed["run_id"], resumed["tracking_uri"]) == (first["run_id"], first["tracking_uri"])
+    assert not resumed["default_store"] and not (tmp_path / "b.db").exists()
+    assert f"continuing MLflow run {first['run_id']} in {first['tracking_uri']}" in capsys.readouterr().out
+    record = json.loads((paths.checkpoints / "run.json").read_text())
+    assert record["tracking_uri"] == first["tracking_uri"]  # still where the run is
+
+    (tmp_path / "mlflow.db").unlink()
+    renewed = train(elsewhere, paths)
+    assert renewed["resumed"] and renewed["run_id"] != first["run_id"]
+    assert renewed["tracking_uri"] == f"sqlite:///{tmp_path}/b.db"
+    assert "is in no store any more" in capsys.readouterr().out
+    run = mlflow.MlflowClient(renewed["tracking_uri"]).get_run(renewed["run_id"])
+    assert run.data.params["train.max_steps"] == "2"  # the new run has the params
 
 
 def test_the_fingerprint_holds_the_params_as_written_and_the_weights_validation_scores(caches, tmp_path):  # noqa: F811

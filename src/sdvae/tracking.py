@@ -37,6 +37,18 @@ def resolve_store(explicit: str | None) -> tuple[str, str | None]:
     return (uri, None) if uri else default_store()
 
 
+def holds_run(uri: str, run_id: str) -> bool:
+    """Whether the store at `uri` holds run `run_id`; a sqlite store that is not there is not created."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        with store_lock(uri):  # opening may migrate the schema
+            MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 def experiment_tags() -> dict[str, str]:
     """The DVC experiment a run belongs to, so `dvc exp show` rows and MLflow runs match both ways."""
     tags = {"dvc.exp_name": os.environ.get(DVC_EXP_NAME), "dvc.baseline_rev": os.environ.get(DVC_EXP_BASELINE_REV)}

@@ -16,12 +16,19 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Metric
 
-from sdvae.config import Config, TrackingConfig
+from sdvae.config import Config
 from sdvae.data.datamodule import ImageDataModule
 from sdvae.formats.diffusers import save_diffusers
 from sdvae.io import write_json
 from sdvae.metrics import build_lpips
-from sdvae.tracking import DVC_EXP_NAME, experiment_tags, mark_model_training, resolve_store, store_lock
+from sdvae.tracking import (
+    DVC_EXP_NAME,
+    experiment_tags,
+    holds_run,
+    mark_model_training,
+    resolve_store,
+    store_lock,
+)
 from sdvae.training.callbacks import (
     AtomicLastCheckpoint,
     ClosesResumedEpoch,
@@ -66,10 +73,6 @@ class TrainPaths:
         )
 
 
-def tracking_uri(cfg: TrackingConfig) -> str:
-    return resolve_store(cfg.uri)[0]
-
-
 def run_fingerprint(cfg: Config, paths: TrainPaths) -> str:
     """What a checkpoint must match to be resumed: training-relevant params as the user wrote them
     (`train.precision: auto` stays `auto`: what a timing resolved it to is the run's own decision,
@@ -89,6 +92,7 @@ class ResumeState:
     run_id: str | None  # the MLflow run to continue
     stale: bool  # checkpoints of other params or data are there: set aside before training
     precision: str | None  # the precision the run decided when it started (None: decide now)
+    tracking_uri: str | None = None  # the store that holds run_id when it was recorded
 
 
 def _resume_state(paths: TrainPaths, fingerprint: str) -> ResumeState:
@@ -99,7 +103,24 @@ def _resume_state(paths: TrainPaths, fingerprint: str) -> ResumeState:
     if meta.get("fingerprint") != fingerprint:
         return ResumeState(None, None, any(_kept(paths.checkpoints)), None)
     checkpoint = resumable_checkpoint(paths.checkpoints)
-    return ResumeState(checkpoint, meta.get("run_id"), False, meta.get("precision") if checkpoint else None)
+    precision = meta.get("precision") if checkpoint else None
+    return ResumeState(checkpoint, meta.get("run_id"), False, precision, meta.get("tracking_uri"))
+
+
+def continued_run(state: ResumeState, uri: str, artifacts: str | None) -> tuple[ResumeState, str, str | None]:
+    """The MLflow run a resume continues and its store (uri, artifact location). The run's record
+    decides, not where the store resolves today: a `dvc repro` in a queued experiment's copy, or
+    a changed `tracking.uri`, must not cost the checkpoints (MLflow raises on an unknown run id).
+    A run that no store holds any more gets a new run in today's store, and says so."""
+    if state.run_id is None:
+        return state, uri, artifacts
+    for store in dict.fromkeys((state.tracking_uri or uri, uri)):
+        if holds_run(store, state.run_id):
+            if store != uri:
+                print(f"continuing MLflow run {state.run_id} in {store}, where it started (not {uri})")
+            return state, store, artifacts if store == uri else None
+    print(f"MLflow run {state.run_id} is in no store any more: the resumed training logs to a new run in {uri}")
+    return dataclasses.replace(state, run_id=None), uri, artifacts
 
 
 STALE = "stale"  # under the checkpoint folder: runs of other params, kept aside, never resumed
@@ -139,11 +160,12 @@ class RunBookkeeping(L.Callback):
         cfg: Config,
         paths: TrainPaths,
         logger: MLFlowLogger,
+        store: str,
         fingerprint: str,
         state: ResumeState,
         planner: BudgetPlanner | None,
     ) -> None:
-        self.cfg, self.paths, self.logger, self.fingerprint = cfg, paths, logger, fingerprint
+        self.cfg, self.paths, self.logger, self.store, self.fingerprint = cfg, paths, logger, store, fingerprint
         self.state, self.planner = state, planner
         self.set_aside_to: Path | None = None
 
@@ -187,13 +209,13 @@ class RunBookkeeping(L.Callback):
                 )
             self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
             if self.state.run_id is None:  # the first use creates the experiment and the run: one process at a time
-                with store_lock(tracking_uri(self.cfg.tracking)):
+                with store_lock(self.store):
                     self.logger.log_hyperparams(self.cfg.flat())
                     mark_model_training(self.logger.experiment, self.logger.experiment_id)
             record = {
                 "fingerprint": self.fingerprint,
                 "run_id": self.logger.run_id,
-                "tracking_uri": tracking_uri(self.cfg.tracking),
+                "tracking_uri": self.store,  # where the run is: a resume continues it there
                 # decided once, when the run started: a resume takes it from here, never from a timing
                 "precision": self.cfg.train.precision,
             }
@@ -248,7 +270,8 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
         cfg.data.recolor_share,
         cfg.train.crop_sizes,
     )
-    uri, artifacts = resolve_store(cfg.tracking.uri)
+    state, uri, artifacts = continued_run(state, *resolve_store(cfg.tracking.uri))
+    run_id = state.run_id
     with store_lock(uri):  # the logger opens the store (and may create the schema) right here
         logger = MLFlowLogger(
             experiment_name=cfg.tracking.experiment,
@@ -259,7 +282,7 @@ def train(cfg: Config, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
             artifact_location=artifacts,
             tags=experiment_tags() or None,
         )
-    bookkeeping = RunBookkeeping(cfg, paths, logger, fingerprint, state, measured.planner)
+    bookkeeping = RunBookkeeping(cfg, paths, logger, uri, fingerprint, state, measured.planner)
     callbacks = [
         bookkeeping,
         *([measured.planner] if measured.planner is not None else []),
